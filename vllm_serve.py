@@ -40,6 +40,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import signal
 import sys
 import time
 import traceback
@@ -1006,12 +1007,35 @@ async def chat_completions(request):
         req.continue_final_message, req.documents, req.add_special_tokens)
     parser = server.parser_cls(server.tokenizer, req.tools, chat_template_kwargs=req.chat_template_kwargs) \
         if server.parser_cls else None
-    if parser is not None and (uses_tools or server.args.reasoning_parser):
-        req = parser.adjust_request(req)  # named/required tool_choice → JSON-schema structured output
+    if uses_tools and req.tool_choice != "auto":
+        constrain_to_tool_schema(req)
+        parser.tool_parser.supports_required_and_named = True  # parse the output as vLLM's standard JSON
+    elif parser is not None and (uses_tools or server.args.reasoning_parser):
+        req = parser.adjust_request(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     sp = server.sampling_params(req, server.check_prompt(prompt_ids, max_tokens, param="messages"))
     (result,) = await server.generate([prompt], [sp])
     return respond_chat(server, req, result, parser)
+
+
+def constrain_to_tool_schema(req):
+    """Named or "required" tool_choice: the output is the tool's JSON arguments (for "required", a list
+    of {name, parameters}), as vLLM does for parsers without a native format; compact (no free
+    whitespace), so that even a weak model cannot loop in whitespace and emits parseable arguments."""
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    try:
+        schema = get_json_schema_from_tools(req.tool_choice, req.tools, req.parallel_tool_calls)
+    except ValueError as exc:
+        raise APIError(str(exc), param="tool_choice") from None
+    try:  # compact JSON as a regex: vLLM's `disable_any_whitespace` is engine-wide, not per request
+        from outlines_core.json_schema import build_regex_from_schema
+
+        req.structured_outputs = StructuredOutputsParams(regex=build_regex_from_schema(json.dumps(schema), ""))
+    except Exception:  # a schema the regex builder cannot express: fall back to the JSON schema itself
+        req.structured_outputs = StructuredOutputsParams(json=schema)
+    req.response_format = None
 
 
 def respond_chat(server, req, result, parser):
@@ -1339,16 +1363,17 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper() if args.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds main() so the workers are always stopped; uvicorn re-raises it after its own
+    # graceful shutdown, which then ends here as a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = Server(args)
     try:
         server.workers.start()
+        logger.info("%d vLLM worker(s) ready: %s", args.data_parallel_size, server.workers.info)
+        uvicorn.run(build_app(server), host=args.host, port=args.port, log_level=args.log_level)
     except WorkerError as exc:
         logger.error("%s", exc)
-        server.workers.stop(timeout=5)
         sys.exit(1)
-    logger.info("%d vLLM worker(s) ready: %s", args.data_parallel_size, server.workers.info)
-    try:
-        uvicorn.run(build_app(server), host=args.host, port=args.port, log_level=args.log_level)
     finally:
         server.workers.stop()
 

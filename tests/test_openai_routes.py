@@ -1,0 +1,364 @@
+"""The OpenAI routes of vllm_serve.py against real vLLM on CPU: values compared to in-process vLLM."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import threading
+import time
+
+import openai
+import psutil
+import pytest
+import requests
+from conftest import chat_prompt_ids, dump
+
+PROMPTS = ["Hello world", "The weather in Paris is", "def f(x):", "What is 2 + 2?"]
+GREEDY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"]}}}
+
+
+def sdk(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
+
+
+def reference_generate(llm, prompts, **params):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in prompts]
+    return llm.generate(prompts, SamplingParams(**params), use_tqdm=False)
+
+
+def test_models(server):
+    body = server.get("/v1/models").json()
+    (card,) = body["data"]
+    assert body["object"] == "list"
+    assert card["id"] == "tiny" and card["object"] == "model" and card["max_model_len"] == 512
+    assert isinstance(card["created"], int) and card["owned_by"]
+
+
+def test_completions_greedy_equals_llm_generate(server, models, reference_llm):
+    ref = reference_generate(reference_llm(models["seed0"]), PROMPTS, temperature=0, max_tokens=16, ignore_eos=True)
+    body = server.post("/v1/completions", {"model": "tiny", "prompt": PROMPTS, "max_tokens": 16, **GREEDY}).json()
+    assert [c["token_ids"] for c in body["choices"]] == [list(r.outputs[0].token_ids) for r in ref], dump(body)
+    assert [c["prompt_token_ids"] for c in body["choices"]] == [list(r.prompt_token_ids) for r in ref]
+    assert [c["text"] for c in body["choices"]] == [r.outputs[0].text for r in ref]
+    assert body["usage"]["completion_tokens"] == 16 * len(PROMPTS)
+    # the same through token-id prompts and through the official SDK
+    ids = [list(r.prompt_token_ids) for r in ref]
+    result = sdk(server).completions.create(model="tiny", prompt=ids, max_tokens=16, temperature=0,
+                                            extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert [c.token_ids for c in result.choices] == [list(r.outputs[0].token_ids) for r in ref]
+    single = server.post("/v1/completions", {"prompt": ids[1], "max_tokens": 16, **GREEDY}).json()
+    assert single["choices"][0]["token_ids"] == list(ref[1].outputs[0].token_ids)
+
+
+def test_chat_prompt_ids_and_tokens_match(server, models, reference_llm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    expected_prompt = chat_prompt_ids(models["seed0"], messages)
+    (ref,) = reference_generate(reference_llm(models["seed0"]), [expected_prompt], temperature=0, max_tokens=12,
+                                ignore_eos=True)
+    result = sdk(server).chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                 extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert result.prompt_token_ids == expected_prompt
+    assert result.choices[0].token_ids == list(ref.outputs[0].token_ids)
+    assert result.choices[0].message.content == ref.outputs[0].text
+    assert result.usage.prompt_tokens == len(expected_prompt) and result.usage.completion_tokens == 12
+
+
+def test_logprobs_close_to_in_process(server, models, reference_llm):
+    (ref,) = reference_generate(reference_llm(models["seed0"]), [PROMPTS[1]], temperature=0, max_tokens=6,
+                                ignore_eos=True, logprobs=3)
+    body = server.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 6, "logprobs": 3,
+                                           "return_tokens_as_token_ids": True, **GREEDY}).json()
+    lp = body["choices"][0]["logprobs"]
+    for pos, (token_id, ref_pos) in enumerate(zip(ref.outputs[0].token_ids, ref.outputs[0].logprobs)):
+        assert lp["tokens"][pos] == f"token_id:{token_id}"
+        assert lp["token_logprobs"][pos] == pytest.approx(ref_pos[token_id].logprob, abs=1e-4)
+        top = {int(k.split(":")[1]): v for k, v in lp["top_logprobs"][pos].items()}
+        assert top == pytest.approx({tid: x.logprob for tid, x in ref_pos.items()}, abs=1e-4)
+    # chat: top_logprobs per position, ids recoverable
+    messages = [{"role": "user", "content": "Hello"}]
+    (ref_chat,) = reference_generate(reference_llm(models["seed0"]), [chat_prompt_ids(models["seed0"], messages)],
+                                     temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
+    chat = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 4, "logprobs": True,
+                                                "top_logprobs": 2, "return_tokens_as_token_ids": True, **GREEDY}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    for entry, token_id, ref_pos in zip(content, ref_chat.outputs[0].token_ids, ref_chat.outputs[0].logprobs):
+        assert entry["token"] == f"token_id:{token_id}"
+        assert entry["logprob"] == pytest.approx(ref_pos[token_id].logprob, abs=1e-4)
+        assert len(entry["top_logprobs"]) == 2
+
+
+def test_n_seed_and_stop_behave_as_vllm(server, models, reference_llm):
+    llm = reference_llm(models["seed0"])
+    (ref,) = reference_generate(llm, [PROMPTS[0]], n=3, temperature=1.0, seed=1234, max_tokens=8, ignore_eos=True)
+    body = server.post("/v1/completions", {"prompt": PROMPTS[0], "n": 3, "temperature": 1.0, "seed": 1234,
+                                           "max_tokens": 8, "ignore_eos": True, "return_token_ids": True}).json()
+    assert sorted(c["token_ids"] for c in body["choices"]) == sorted(list(o.token_ids) for o in ref.outputs)
+    assert len({tuple(c["token_ids"]) for c in body["choices"]}) > 1  # n samples, not one repeated
+    # stop: cut the greedy text at a substring it really contains
+    (greedy,) = reference_generate(llm, [PROMPTS[0]], temperature=0, max_tokens=16, ignore_eos=True)
+    stop = greedy.outputs[0].text[4:7]
+    (ref_stop,) = reference_generate(llm, [PROMPTS[0]], temperature=0, max_tokens=16, stop=[stop])
+    body = server.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0,
+                                           "stop": [stop]}).json()
+    choice = body["choices"][0]
+    assert choice["text"] == ref_stop.outputs[0].text and stop not in choice["text"]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
+
+
+def test_64_concurrent_sdk_chats_are_not_cross_wired(server, models):
+    client = sdk(server)
+    conversations = [[{"role": "user", "content": f"Request number {i}: say {i * 7}"}] for i in range(64)]
+
+    def one(messages):
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"return_token_ids": True})
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, conversations))
+    for messages, result in zip(conversations, results):
+        assert result.prompt_token_ids == chat_prompt_ids(models["seed0"], messages)
+        assert result.choices[0].finish_reason in ("length", "stop")
+
+
+def test_health_answers_while_a_batch_generates(server):
+    long_request = {"prompt": PROMPTS * 16, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    done = threading.Event()
+
+    def generate():
+        server.post("/v1/completions", long_request)
+        done.set()
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    time.sleep(1.0)
+    latencies = []
+    while not done.is_set() and len(latencies) < 5:
+        start = time.monotonic()
+        assert server.get("/health", timeout=5).status_code == 200
+        latencies.append(time.monotonic() - start)
+        time.sleep(0.2)
+    busy = not done.is_set()
+    thread.join(300)
+    assert latencies and busy, "the batch finished before /health could be probed during it"
+    assert max(latencies) < 2.0, latencies
+
+
+def test_streaming_reassembles_the_same_text(server):
+    client = sdk(server)
+    messages = [{"role": "user", "content": "Tell me about Paris"}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    # completions
+    full = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0, stream=True) if c.choices)
+    assert streamed == full.choices[0].text
+    raw = requests.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True},
+                        timeout=60).text
+    assert raw.rstrip().endswith("data: [DONE]")
+
+
+def forced_tool_call_regex(name, arguments):
+    text = f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(arguments)}}}\n</tool_call>'
+    return "".join("\\" + ch if ch in r".^$*+?{}[]\|()" else ch for ch in text)
+
+
+def test_tool_call_auto_is_parsed_by_hermes(server):
+    regex = forced_tool_call_regex("get_weather", {"city": "Paris"})
+    result = sdk(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER_TOOL],
+        tool_choice="auto", max_tokens=64, temperature=0, extra_body={"structured_outputs": {"regex": regex}})
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id and call.type == "function"
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_named_and_required_tool_choice_give_valid_arguments(server, tool_choice):
+    result = sdk(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL],
+        tool_choice=tool_choice, parallel_tool_calls=False, max_tokens=120, temperature=0)
+    choice = result.choices[0]
+    assert choice.message.tool_calls, choice
+    assert choice.finish_reason == ("tool_calls" if tool_choice == "required" else "stop")
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments).get("city"), str)
+
+
+def test_tools_render_into_the_prompt_and_mix_in_one_batch(server, models):
+    plain = [{"role": "user", "content": "Hi"}]
+    bodies = [{"messages": plain, "max_tokens": 4, "return_token_ids": True},
+              {"messages": plain, "tools": [WEATHER_TOOL], "max_tokens": 4, "return_token_ids": True},
+              {"messages": plain, "max_tokens": 4, "return_token_ids": True, "temperature": 0.5, "seed": 3,
+               "chat_template": "{% for m in messages %}{{ m.content }}|{% endfor %}"}]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda b: server.post("/v1/chat/completions", b).json(), bodies))
+    assert results[0]["prompt_token_ids"] == chat_prompt_ids(models["seed0"], plain)
+    assert results[1]["prompt_token_ids"] == chat_prompt_ids(models["seed0"], plain, tools=[WEATHER_TOOL])
+    assert results[2]["prompt_token_ids"] == chat_prompt_ids(models["seed0"], plain,
+                                                             chat_template=bodies[2]["chat_template"])
+
+
+def test_legacy_generate_and_chat_shapes(server, models, reference_llm):
+    ref = reference_generate(reference_llm(models["seed0"]), PROMPTS[:2], temperature=0, max_tokens=8,
+                             ignore_eos=True, logprobs=2)
+    for path in ("/generate/", "/generate"):
+        body = server.post(path, {"prompts": PROMPTS[:2], "max_tokens": 8, "temperature": 0, "logprobs": 2,
+                                  "generation_kwargs": {"ignore_eos": True}}).json()
+        assert body["prompt_ids"] == [list(r.prompt_token_ids) for r in ref]
+        assert body["completion_ids"] == [list(r.outputs[0].token_ids) for r in ref]
+        for ids, lps, r in zip(body["logprob_token_ids"], body["logprobs"], ref):
+            for pos_ids, pos_lps, ref_pos in zip(ids, lps, r.outputs[0].logprobs):
+                ranked = sorted(ref_pos.items(), key=lambda kv: kv[1].rank)
+                assert pos_ids == [tid for tid, _ in ranked]
+                assert pos_lps == pytest.approx([x.logprob for _, x in ranked], abs=1e-4)
+    body = server.post("/generate/", {"prompts": PROMPTS[:2], "n": 2, "max_tokens": 3, "logprobs": None}).json()
+    assert len(body["prompt_ids"]) == 2 and len(body["completion_ids"]) == 4
+    assert body["logprobs"] is None and body["logprob_token_ids"] is None
+    chat = server.post("/chat/", {"messages": [[{"role": "user", "content": "Hi"}],
+                                               [{"role": "user", "content": "Bye"}]], "max_tokens": 3}).json()
+    assert chat["prompt_ids"][1] == chat_prompt_ids(models["seed0"], [{"role": "user", "content": "Bye"}])
+    assert [len(c) for c in chat["completion_ids"]] == [3, 3] and len(chat["logprobs"][0][0]) == 1
+
+
+def test_legacy_sequence_logprobs(server, models, reference_llm):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    seq = [996, 333, 294, 278, 78, 70, 12, 13]
+    (ref,) = reference_llm(models["seed0"]).generate([TokensPrompt(prompt_token_ids=seq)],
+                                                     SamplingParams(max_tokens=1, prompt_logprobs=3), use_tqdm=False)
+    body = server.post("/get_sequence_logprobs/", {"sequences": [seq], "prompt_lengths": [5], "top_logprobs": 3,
+                                                   "response_format": "json"}).json()
+    assert len(body["logprobs"][0]) == 3  # positions 5, 6, 7
+    for row_ids, row_lps, pos in zip(body["logprob_token_ids"][0], body["logprobs"][0], ref.prompt_logprobs[5:]):
+        ranked = [kv for kv in sorted(pos.items(), key=lambda kv: kv[1].rank) if kv[1].rank <= 3]
+        assert row_ids == [tid for tid, _ in ranked]
+        assert row_lps == pytest.approx([x.logprob for _, x in ranked], abs=1e-4)
+    binary = server.post("/get_sequence_logprobs", {"sequences": [seq], "prompt_lengths": [5], "top_logprobs": 3,
+                                                    "response_format": "binary"}).json()
+    assert binary["shape"] == [1, 3, 3] and binary["completion_lengths"] == [3]
+    import numpy as np
+
+    actual = np.frombuffer(base64.b64decode(binary["actual_logprobs_b64"]), dtype=np.float32)
+    assert actual.tolist() == pytest.approx([ref.prompt_logprobs[i][seq[i]].logprob for i in (5, 6, 7)], abs=1e-4)
+
+
+def png_data_uri():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+BAD_COMPLETIONS = [
+    ({"prompt": "", "max_tokens": 4}, "prompt"),
+    ({"prompt": [], "max_tokens": 4}, "prompt"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, None),
+    ({"prompt": "x", "n": 0}, None),
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x " * 600, "max_tokens": 4}, "prompt"),
+    ({"prompt": "x", "max_tokens": 10 ** 6}, "prompt"),
+    ({"prompt": [10 ** 9], "max_tokens": 4}, "prompt"),
+    ({"prompt": "x", "logprobs": -5}, None),
+    ({"prompt": "x", "structured_outputs": {"regex": "("}}, None),
+    ({"prompt": 12}, None),
+]
+BAD_CHATS = [
+    ({"messages": []}, None),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 10 ** 6, "logprobs": True}, None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]},
+     "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL],
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_COMPLETIONS, ids=[f"completions-{i}" for i in range(len(BAD_COMPLETIONS))])
+def test_bad_completions_get_400(server, body, param):
+    response = server.post("/v1/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["code"] == 400
+    if param:
+        assert error["param"] == param, error
+
+
+@pytest.mark.parametrize("body,param", BAD_CHATS, ids=[f"chat-{i}" for i in range(len(BAD_CHATS))])
+def test_bad_chats_get_400(server, body, param):
+    response = server.post("/v1/chat/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param:
+        assert error["param"] == param, error
+
+
+def test_malformed_json_unknown_model_and_text_only_image(server):
+    response = requests.post(server.url + "/v1/chat/completions", data=b"{not json", timeout=30,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    response = server.post("/v1/completions", {"model": "gpt-17", "prompt": "x"})
+    assert response.status_code == 404 and response.json()["error"]["type"] == "NotFoundError"
+    image = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                          {"type": "image_url", "image_url": {"url": png_data_uri()}}]}]
+    response = server.post("/v1/chat/completions", {"messages": image, "max_tokens": 2})
+    assert response.status_code == 400, response.text  # the tiny model is text-only: vLLM refuses the image
+
+
+def test_bad_requests_do_not_fail_good_ones_in_the_same_batch(server, models, reference_llm):
+    (ref,) = reference_generate(reference_llm(models["seed0"]), [PROMPTS[3]], temperature=0, max_tokens=8,
+                                ignore_eos=True)
+    good = {"prompt": PROMPTS[3], "max_tokens": 8, **GREEDY}
+    bad = [body for body, _ in BAD_COMPLETIONS]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(server.post, "/v1/completions", good if i % 2 else bad[i // 2 % len(bad)])
+                   for i in range(32)]
+        responses = [f.result() for f in futures]
+    for i, response in enumerate(responses):
+        if i % 2:
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["token_ids"] == list(ref.outputs[0].token_ids)
+        else:
+            assert response.status_code == 400, response.text
+    assert server.get("/health").status_code == 200
+
+
+def test_data_parallel_2_matches_dp_1_and_uses_both_workers(server, models, start_server):
+    dp2 = start_server(models["seed0"], "--data_parallel_size", "2", name="dp2")
+    try:
+        body = {"prompt": PROMPTS * 8, "max_tokens": 24, **GREEDY}
+        workers = [p for p in psutil.Process(dp2.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        before = [w.cpu_times().user + w.cpu_times().system for w in workers]
+        got = dp2.post("/v1/completions", body).json()
+        after = [w.cpu_times().user + w.cpu_times().system for w in workers]
+        want = server.post("/v1/completions", body).json()
+        assert [c["token_ids"] for c in got["choices"]] == [c["token_ids"] for c in want["choices"]]
+        assert all(a - b > 0.05 for a, b in zip(after, before)), (before, after)
+        assert dp2.get("/get_world_size").json()["world_size"] == 2
+    finally:
+        assert dp2.stop() == 0
