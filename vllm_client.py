@@ -1,0 +1,453 @@
+"""Client for `vllm_serve.py` (and stock `vllm serve`): TRL's `VLLMClient` API over the OpenAI routes.
+
+    from vllm_client import VLLMClient
+
+    with VLLMClient(base_url="http://127.0.0.1:8000", connection_timeout=240) as client:
+        out = client.generate(["Hello, AI!", "Tell me a joke"], n=2, max_tokens=32, logprobs=5)
+        out["prompt_ids"], out["completion_ids"], out["logprobs"], out["logprob_token_ids"]
+        client.chat([[{"role": "user", "content": "What is 2 + 2?"}]], max_tokens=8)
+
+        client.init_communicator(device=0)   # join the weight-sync group as its last rank
+        client.update_model_params(model)    # every named parameter, packed in 256 MiB broadcasts
+        client.reset_prefix_cache()
+        client.close_communicator()
+
+Generation goes to `/v1/completions` (one request for all prompts) and `/v1/chat/completions` (one
+request per conversation, sent concurrently so the server batches them); both ask for token ids
+(`return_token_ids`, `return_tokens_as_token_ids`), so the same calls work against stock vLLM.
+Results keep TRL's legacy shape. Weight sync, prompts with images and teacher logprobs use this
+server's side routes. Only the standard library and `requests` are imported here: torch, vLLM and
+transformers are imported by the methods that need them.
+"""
+
+import atexit
+import base64
+import copy
+import datetime
+import io
+import math
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError
+
+DEFAULT_TIMEOUT_S = 600.0  # per HTTP call and per weight broadcast: a big batch on a busy server is slow
+HEALTH_PROBE_TIMEOUT_S = 5.0  # one /health probe of check_server
+MAX_RETRIES = 3  # resends of a request that never reached the server, or of an idempotent one
+RETRY_BACKOFF_S = 0.5  # doubled after every retry
+WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of update_named_params (the server's default too)
+JSON_MIN_LOGPROB = -9999.0  # servers send -inf logprobs (outside top_p/top_k) as this, JSON having no infinity
+
+
+class VLLMClientError(requests.RequestException):
+    """Any failed call. `status_code`: the HTTP status, None when no answer came; `message`: the server's text."""
+
+    def __init__(self, message, status_code=None, response=None):
+        super().__init__(f"{status_code}: {message}" if status_code else message, response=response)
+        self.message, self.status_code = message, status_code
+
+
+class VLLMClient:
+    """TRL's `VLLMClient`: same constructor, methods, defaults and return shapes.
+
+    `base_url` wins over `host`/`server_port`; the weight-sync group connects to `host` (or the address
+    `base_url` resolves to) on `group_port`. `timeout` bounds every HTTP call and weight broadcast;
+    `api_key` (default: env VLLM_API_KEY) is sent as a bearer token; `max_concurrent_chats` caps the
+    conversations `chat` keeps in flight.
+    """
+
+    def __init__(self, base_url=None, host="0.0.0.0", server_port=8000, group_port=51216, connection_timeout=0.0,
+                 *, timeout=DEFAULT_TIMEOUT_S, api_key=None, max_concurrent_chats=64):
+        self.session = requests.Session()
+        self.session.mount("http://", HTTPAdapter(pool_maxsize=max(10, max_concurrent_chats)))
+        self.session.mount("https://", HTTPAdapter(pool_maxsize=max(10, max_concurrent_chats)))
+        api_key = api_key or os.environ.get("VLLM_API_KEY")
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        if base_url is not None:
+            url = urlparse(base_url)
+            self.host = socket.gethostbyname(url.hostname)
+            self.base_url = f"{url.scheme or 'http'}://{url.netloc}{url.path}".rstrip("/")
+        else:
+            self.host, self.server_port = host, server_port
+            self.base_url = f"http://{host}:{server_port}"
+        self.group_port, self.timeout, self.max_concurrent_chats = group_port, timeout, max_concurrent_chats
+        self.rank = None  # this client's rank in the weight-sync group (the last one)
+        self.communicator = None  # gloo ProcessGroup or PyNcclCommunicator, after init_communicator
+        self.model = None  # served model id, read from /v1/models on first use
+        self._device, self._backend = None, None
+        self.check_server(connection_timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.communicator is not None:
+            self.close_communicator()
+        self.session.close()
+
+    # --- HTTP ----------------------------------------------------------------------------------------
+
+    def _request(self, method, path, json=None, timeout=None, idempotent=False):
+        """One call → its JSON body. Resends only what never reached the server, or idempotent calls:
+        a resent weight update would desynchronize the broadcasts that follow it."""
+        timeout = timeout or self.timeout
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                response = self.session.request(method, self.base_url + path, json=json, timeout=timeout)
+                break
+            except requests.RequestException as exc:
+                retry = isinstance(exc, requests.ConnectionError) and (idempotent or _never_sent(exc))
+                if not retry or attempt == MAX_RETRIES:
+                    what = f"no answer within {timeout} s" if isinstance(exc, requests.ReadTimeout) else exc
+                    raise VLLMClientError(f"{method} {self.base_url}{path}: {what}") from exc
+                time.sleep(RETRY_BACKOFF_S * 2**attempt)
+        if response.status_code >= 400:
+            raise VLLMClientError(_error_message(response), response.status_code, response)
+        return response.json() if response.content else {}
+
+    def _model_id(self):
+        if self.model is None:
+            self.model = self._request("GET", "/v1/models", idempotent=True)["data"][0]["id"]
+        return self.model
+
+    def check_server(self, total_timeout=0.0, retry_interval=2.0):
+        """Poll GET /health until it answers 200; raise VLLMClientError after `total_timeout` seconds."""
+        deadline = time.monotonic() + total_timeout
+        while True:
+            try:
+                response = self.session.get(f"{self.base_url}/health", timeout=HEALTH_PROBE_TIMEOUT_S)
+                if response.status_code == 200:
+                    self.host = response.headers.get("X-Forwarded-For", self.host)  # behind a proxy
+                    return
+                problem = f"status {response.status_code}"
+            except requests.RequestException as exc:
+                problem = str(exc)
+            if time.monotonic() >= deadline:
+                raise VLLMClientError(f"The vLLM server at {self.base_url} is not up after {total_timeout} s: "
+                                      f"{problem}")
+            time.sleep(retry_interval)
+
+    def get_world_size(self):
+        """Number of vLLM workers (tensor_parallel_size * data_parallel_size)."""
+        return self._request("GET", "/get_world_size", idempotent=True)["world_size"]
+
+    # --- generation ----------------------------------------------------------------------------------
+
+    def generate(self, prompts, images=None, n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0,
+                 min_p=0.0, max_tokens=16, logprobs=0, structured_outputs_regex=None, generation_kwargs=None):
+        """Completions for text or token-id prompts → {prompt_ids, completion_ids, logprobs, logprob_token_ids}.
+
+        `logprobs=k`: per position the sampled token plus the top k, by logprob descending; None: none.
+        `images`: one list of PIL images (or None) per prompt, sent through the legacy /generate/ route.
+        """
+        sampling = _sampling(n, repetition_penalty, temperature, top_p, top_k, min_p, max_tokens)
+        sampling["logprobs"] = logprobs
+        if images is not None:
+            images = [[_png_base64(image) for image in row] if row else None for row in images]
+            return self._request("POST", "/generate/", json={
+                "prompts": prompts, "images": images, **sampling, "structured_outputs_regex": structured_outputs_regex,
+                "generation_kwargs": generation_kwargs or {}})
+        body = {"model": self._model_id(), "prompt": prompts, **sampling, **_token_id_flags(structured_outputs_regex),
+                **(generation_kwargs or {})}
+        choices = sorted(self._request("POST", "/v1/completions", json=body)["choices"], key=lambda c: c["index"])
+        prompt_ids = [c["prompt_token_ids"] for c in choices[::body["n"]]]  # prompt-major: n choices per prompt
+        return _legacy_result(prompt_ids, choices, body["logprobs"])
+
+    def chat(self, messages, n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+             max_tokens=16, logprobs=0, structured_outputs_regex=None, generation_kwargs=None,
+             chat_template_kwargs=None, tools=None, chat_template=None):
+        """Completions for a batch of conversations, same result shape as `generate`.
+
+        Callable `tools` become JSON schemas (rendered into the prompt, never called); `image_pil` parts
+        become data-URI `image_url` parts.
+        """
+        body = {"model": self._model_id(),
+                **_sampling(n, repetition_penalty, temperature, top_p, top_k, min_p, max_tokens),
+                **_token_id_flags(structured_outputs_regex),
+                **_chat_options(logprobs, tools, chat_template, chat_template_kwargs), **(generation_kwargs or {})}
+
+        def send(conversation):
+            return self._request("POST", "/v1/chat/completions",
+                                 json={**body, "messages": _openai_messages(conversation)})
+
+        with ThreadPoolExecutor(max(1, min(self.max_concurrent_chats, len(messages)))) as pool:
+            responses = list(pool.map(send, messages))
+        choices = [c for r in responses for c in sorted(r["choices"], key=lambda c: c["index"])]
+        return _legacy_result([r["prompt_token_ids"] for r in responses], choices, logprobs)
+
+    def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs=100, temperature=1.0, use_binary=True,
+                              chunk_size=0, max_concurrent_requests=4):
+        """Teacher top-k logprobs of every completion position of prompt+completion `sequences`.
+
+        → {logprobs, logprob_token_ids} ([seq][position][k]); binary mode adds actual_logprobs and
+        actual_token_ids ([seq][position][1]) and pads each position to k with -inf / id 0.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        size = chunk_size if chunk_size > 0 else max(1, len(sequences))
+        chunks = [(sequences[i:i + size], prompt_lengths[i:i + size]) for i in range(0, max(1, len(sequences)), size)]
+
+        def send(chunk):
+            body = {"sequences": chunk[0], "prompt_lengths": chunk[1], "top_logprobs": top_logprobs,
+                    "temperature": temperature, "response_format": "binary" if use_binary else "json"}
+            response = self._request("POST", "/get_sequence_logprobs", json=body, idempotent=True)
+            return _decode_binary_logprobs(response) if use_binary else response
+
+        with ThreadPoolExecutor(min(max_concurrent_requests, len(chunks))) as pool:
+            parts = list(pool.map(send, chunks))
+        return {key: [row for part in parts for row in part[key]] for key in parts[0]}
+
+    def reset_prefix_cache(self):
+        self._request("POST", "/reset_prefix_cache", idempotent=True)
+
+    # --- weight sync ---------------------------------------------------------------------------------
+
+    def init_communicator(self, device=0):
+        """Join the server's weight-sync group as its last rank (gloo on a CPU server, else NCCL on `device`)."""
+        import torch
+
+        info = self._request("GET", "/get_world_size", idempotent=True)
+        world_size, self._backend = info["world_size"] + 1, info.get("weight_sync_backend", "nccl")
+        self.rank, self._device = world_size - 1, _as_device(device)
+        # The server's first worker hosts the group's TCP store: on all interfaces, as TRL, unless we are local.
+        store_host = self.host if _is_loopback(self.host) else "0.0.0.0"
+        self._request("POST", "/init_communicator", json={
+            "host": store_host, "port": self.group_port, "world_size": world_size,
+            "client_device_uuid": _device_uuid(torch, self._device)})
+        self.communicator = self._join_group(world_size)
+        atexit.register(self.close_communicator)
+
+    def _join_group(self, world_size):
+        """Connect to the TCP store the server's first worker hosts, as rank `self.rank`."""
+        timeout_s = self.timeout or DEFAULT_TIMEOUT_S
+        if self._backend == "gloo":
+            from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+            return stateless_init_torch_distributed_process_group(
+                self.host, self.group_port, self.rank, world_size, backend="gloo",
+                timeout=datetime.timedelta(seconds=timeout_s))
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(host=self.host, port=self.group_port, rank=self.rank,
+                                             world_size=world_size, store_timeout=int(timeout_s))
+        return PyNcclCommunicator(group, device=self._device)
+
+    def _broadcast(self, tensor):
+        if self._backend == "gloo":
+            self.communicator.broadcast(tensor.cpu().contiguous(), root=self.rank).wait()
+        else:
+            self.communicator.broadcast(tensor.to(self._device), src=self.rank)
+            self.communicator.group.barrier()
+
+    def update_named_param(self, name, weights):
+        """Legacy path: announce one tensor, then broadcast it."""
+        self._request("POST", "/update_named_param", json={
+            "name": name, "dtype": str(weights.dtype), "shape": list(weights.shape)})
+        self._broadcast(weights.detach())
+
+    def update_named_params(self, named_tensors, bucket_bytes=WEIGHT_BUCKET_BYTES):
+        """Announce all tensors at once, then broadcast them packed in uint8 buckets of about `bucket_bytes`."""
+        import torch
+
+        named = [(name, tensor.detach()) for name, tensor in named_tensors]
+        params = [{"name": name, "dtype": str(t.dtype), "shape": list(t.shape)} for name, t in named]
+        self._request("POST", "/update_named_params", json={"params": params, "bucket_bytes": bucket_bytes})
+        for bucket in _buckets(named, bucket_bytes):
+            self._broadcast(torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in bucket]))
+
+    def update_model_params(self, model, *, batched=True):
+        """Push every `model.named_parameters()` tensor: batched by default, one call per tensor otherwise."""
+        named = ((name, param.data) for name, param in model.named_parameters())
+        if batched:
+            self.update_named_params(named)
+        else:
+            for name, tensor in named:
+                self.update_named_param(name, tensor)
+
+    def close_communicator(self):
+        """Leave the weight-sync group; a server that is already gone is fine."""
+        atexit.unregister(self.close_communicator)
+        try:
+            self._request("POST", "/close_communicator")
+        except VLLMClientError as exc:
+            if exc.status_code is not None:
+                raise
+        comm, self.communicator = self.communicator, None
+        if comm is not None and hasattr(comm, "shutdown"):  # gloo group; NCCL's goes with the object
+            comm.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers: request bodies, legacy result shape, weight buckets
+# ------------------------------------------------------------------------------------------------------
+
+
+def _never_sent(exc):
+    """True when the connection itself failed (refused, unresolvable, connect timeout): safe to resend."""
+    return isinstance(getattr(exc.args[0] if exc.args else None, "reason", None), ConnectTimeoutError)
+
+
+def _error_message(response):
+    """The server's `{"error": {"message"}}` text (OpenAI shape), else whatever the body says."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text or response.reason
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return error["message"]
+    return (isinstance(body, dict) and (body.get("message") or body.get("detail"))) or response.text
+
+
+def _sampling(n, repetition_penalty, temperature, top_p, top_k, min_p, max_tokens):
+    return {"n": n, "repetition_penalty": repetition_penalty, "temperature": temperature, "top_p": top_p,
+            "top_k": top_k if top_k > 0 else -1, "min_p": min_p, "max_tokens": max_tokens}
+
+
+def _token_id_flags(structured_outputs_regex):
+    body = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+    if structured_outputs_regex is not None:
+        body["structured_outputs"] = {"regex": structured_outputs_regex}
+    return body
+
+
+def _chat_options(logprobs, tools, chat_template, chat_template_kwargs):
+    options = {}
+    if logprobs is not None:  # one more than asked: with the sampled token it covers the legacy top k
+        options.update(logprobs=True, top_logprobs=logprobs + 1 if logprobs else 0)
+    if tools:  # rendered into the prompt only, as TRL's /chat/ did: no tool-call parsing asked for
+        options.update(tools=_tool_schemas(tools), tool_choice="none")
+    if chat_template is not None:
+        options["chat_template"] = chat_template
+    if chat_template_kwargs:
+        options["chat_template_kwargs"] = chat_template_kwargs
+    return options
+
+
+def _tool_schemas(tools):
+    if not any(callable(tool) for tool in tools):
+        return list(tools)
+    from transformers.utils import get_json_schema
+
+    return [get_json_schema(tool) if callable(tool) else tool for tool in tools]
+
+
+def _png_base64(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _openai_messages(conversation):
+    """TRL messages → OpenAI ones: PIL images (`image_pil` or `image` parts) become data-URI `image_url` parts."""
+    messages = []
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_png_base64(part[kind])}"}}
+                       if (kind := part.get("type")) in ("image_pil", "image") and hasattr(part.get(kind), "save")
+                       else copy.deepcopy(part) for part in content]
+            message = {**message, "content": content}
+        messages.append(message)
+    return messages
+
+
+def _token_id(token):
+    return int(token.removeprefix("token_id:"))
+
+
+def _positions(choice_logprobs):
+    """A choice's logprobs (completion or chat layout) → [(sampled (token, logprob), [(token, logprob)])]."""
+    if choice_logprobs is None:
+        return None
+    if "content" in choice_logprobs:
+        return [((e["token"], e["logprob"]), [(t["token"], t["logprob"]) for t in e["top_logprobs"] or ()])
+                for e in choice_logprobs["content"]]
+    return [((token, logprob), list((top or {}).items())) for token, logprob, top in
+            zip(choice_logprobs["tokens"], choice_logprobs["token_logprobs"], choice_logprobs["top_logprobs"])]
+
+
+def _logprob(value):
+    """JSON logprob → float: null (NaN) stays None; vLLM's -9999.0 stand-in for -inf becomes -inf again."""
+    return value if value is None or value > JSON_MIN_LOGPROB else -math.inf
+
+
+def _entries(sampled, tops, k):
+    """One position as TRL returns it: the top k plus the sampled token, by logprob descending (null last)."""
+    by_id = {}
+    for token, logprob in [sampled, *tops]:
+        by_id.setdefault(_token_id(token), _logprob(logprob))
+    ranked = sorted(by_id.items(), key=lambda e: -math.inf if e[1] is None else e[1], reverse=True)[:k]
+    sampled_id = _token_id(sampled[0])
+    return ranked if any(t == sampled_id for t, _ in ranked) else ranked + [(sampled_id, by_id[sampled_id])]
+
+
+def _legacy_result(prompt_ids, choices, k):
+    """TRL's result: prompt_ids per prompt; completion_ids, logprobs, logprob_token_ids per completion."""
+    positions = [_positions(c["logprobs"]) for c in choices]
+    rows = None if k is None or any(p is None for p in positions) else \
+        [[_entries(sampled, tops, k) for sampled, tops in p] for p in positions]
+    return {"prompt_ids": prompt_ids, "completion_ids": [c["token_ids"] for c in choices],
+            "logprobs": None if rows is None else [[[lp for _, lp in e] for e in row] for row in rows],
+            "logprob_token_ids": None if rows is None else [[[t for t, _ in e] for e in row] for row in rows]}
+
+
+def _decode_binary_logprobs(response):
+    """Binary /get_sequence_logprobs answer → nested lists, each sequence cut to its completion length."""
+    import numpy as np
+
+    shape, lengths = response["shape"], response["completion_lengths"]
+    arrays = {"logprobs": ("logprobs_b64", np.float32, shape), "logprob_token_ids": ("token_ids_b64", np.int32, shape),
+              "actual_logprobs": ("actual_logprobs_b64", np.float32, shape[:2] + [1]),
+              "actual_token_ids": ("actual_token_ids_b64", np.int32, shape[:2] + [1])}
+    out = {}
+    for key, (field, dtype, dims) in arrays.items():
+        array = np.frombuffer(base64.b64decode(response[field]), dtype=dtype).reshape(dims)
+        out[key] = [array[i, :length].tolist() for i, length in enumerate(lengths)]
+    return out
+
+
+def _buckets(named, bucket_bytes):
+    """Tensors in order, a new bucket whenever the next would overflow a non-empty one (as the server packs)."""
+    buckets, current, size = [], [], 0
+    for _, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += nbytes
+    return buckets + [current] if current else buckets
+
+
+def _as_device(device):
+    """0, "0", "cuda:0" or a torch.device → torch.device (bare indices mean CUDA devices, as in TRL)."""
+    import torch
+
+    if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
+        return torch.device("cuda", int(device))
+    return torch.device(device)
+
+
+def _device_uuid(torch, device):
+    """What the server compares with its own GPUs, to refuse a trainer on the same device."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return str(torch.cuda.get_device_properties(device).uuid)
+    return "cpu"
+
+
+def _is_loopback(host):
+    try:
+        return socket.gethostbyname(host).startswith("127.")
+    except OSError:
+        return False
