@@ -1,0 +1,320 @@
+"""Shared pieces of the benchmark: paths, environment, model cache, server processes, statistics.
+
+Servers are real subprocesses on loopback ports, started and stopped by the benchmark itself: health
+polling with a timeout, then SIGTERM by PID, a wait, and SIGKILL for whatever is left (children too).
+"""
+
+import json
+import os
+import pathlib
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+CACHE = BENCH / ".cache"
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+# Offline, quiet, loopback. VLLM_ENABLE_V1_MULTIPROCESSING is left at vLLM's default (on) for every
+# engine, ours, stock and in-process alike: the engine core in its own process is the production layout.
+ENV = dict(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+           VLLM_HOST_IP="127.0.0.1", TOKENIZERS_PARALLELISM="false")
+os.environ.update(ENV)
+os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+
+HEALTH_TIMEOUT_S = 900  # cold start of the biggest model on a loaded 2-core machine
+STOP_TIMEOUT_S = 60  # SIGTERM → exit of the process we started
+ORPHAN_TIMEOUT_S = 5  # then its descendants get this long before SIGKILL
+
+# Engine settings shared by every engine of a run. max_num_seqs / max_num_batched_tokens are pinned
+# because vLLM's CPU defaults differ between the LLM class (256 / 4096, what our workers and the
+# in-process reference get) and the OpenAI server (128 / 2048): stock gets the LLM-class values.
+MAX_NUM_SEQS = 256
+MAX_NUM_BATCHED_TOKENS = 4096
+
+
+# ------------------------------------------------------------------------------------------------
+# Models: built locally with tests/tiny_model.py, cached under bench/.cache/models
+# ------------------------------------------------------------------------------------------------
+
+MODEL_SPECS = {  # name → tiny_model.build kwargs
+    "tiny": dict(hidden_size=128, num_layers=2),
+    "small": dict(hidden_size=256, num_layers=4, intermediate_size=1024),  # weight sync in --quick (~3.7M)
+    "medium": dict(hidden_size=768, num_layers=12, intermediate_size=3072),  # ~0.1B: compute matters
+    "large": dict(hidden_size=1024, num_layers=24, intermediate_size=5632),  # ~0.5B: weight sync
+}
+
+
+def model_path(name):
+    """Build the model on first use (into a temp dir, renamed when complete); reuse it afterwards."""
+    spec = {"seed": 0, "tied": False, **MODEL_SPECS[name]}
+    out = CACHE / "models" / name
+    stamp = out / "bench_spec.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return str(out)
+    import tiny_model
+
+    log(f"building model {name} {spec} ...")
+    tmp = out.with_name(name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tiny_model.build(tmp, **spec)
+    stamp_tmp = tmp / "bench_spec.json"
+    stamp_tmp.write_text(json.dumps(spec))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return str(out)
+
+
+def param_count(path):
+    """Parameters in a safetensors checkpoint, read from its header only."""
+    total = 0
+    for file in pathlib.Path(path).glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, meta in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in meta["shape"]:
+                    n *= d
+                total += n
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes
+# ------------------------------------------------------------------------------------------------
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_tree(proc):
+    """The process's descendants now (orphans reparented to init are no longer found this way)."""
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_process(proc, known=(), timeout=STOP_TIMEOUT_S):
+    """SIGTERM by PID, wait, SIGKILL on timeout; then wait for (and kill) every descendant, the ones
+    seen earlier (`known`) included: a parent that exits may leave them orphaned."""
+    import psutil
+
+    if proc is None:
+        return None
+    children = {c.pid: c for c in [*known, *process_tree(proc)]}.values()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    _, alive = psutil.wait_procs(list(children), timeout=ORPHAN_TIMEOUT_S)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [c.pid for c in alive]
+
+
+class Server:
+    """Our `vllm_serve.py` or stock vLLM's OpenAI server, as a subprocess on a free loopback port."""
+
+    def __init__(self, kind, model, *, max_model_len, kv_bytes, dp=1, extra=(), name=None):
+        self.kind, self.model, self.dp = kind, model, dp
+        self.name = name or f"{kind}-dp{dp}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        common = ["--host", "127.0.0.1", "--port", str(self.port)]
+        if kind == "ours":
+            self.args = [sys.executable, str(ROOT / "vllm_serve.py"), "--model", model, "--served_model_name", "tiny",
+                         *common, "--max_model_len", str(max_model_len), "--dtype", "float32", "--enforce_eager",
+                         "--kv_cache_memory_bytes", str(kv_bytes), "--max_num_seqs", str(MAX_NUM_SEQS),
+                         "--data_parallel_size", str(dp), "--log_level", "warning", *extra]
+        elif kind == "stock":
+            self.args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                         "--served-model-name", "tiny", *common, "--max-model-len", str(max_model_len),
+                         "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(kv_bytes),
+                         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
+                         "--max-logprobs", "-1", "--logprobs-mode", "processed_logprobs", "--seed", "0",
+                         "--disable-uvicorn-access-log", "--disable-log-stats", *extra]
+        else:
+            raise ValueError(kind)
+        self.proc = self.log_file = None
+        self.children, self.stop_s, self.left_behind = [], None, []
+
+    def launch(self):
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.log_path = RESULTS / f"{self.name}-{pathlib.Path(self.model).name}.log"
+        self.log_file = open(self.log_path, "w")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                     env={**os.environ, **ENV})
+        return self
+
+    def wait_healthy(self, timeout=HEALTH_TIMEOUT_S):
+        import requests
+
+        deadline = self.started + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n"
+                                   f"{tail(self.log_path)}")
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    self.startup_s = time.monotonic() - self.started
+                    self.children = process_tree(self.proc)
+                    log(f"{self.name} on {pathlib.Path(self.model).name} healthy after {self.startup_s:.0f} s")
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.name} not healthy after {timeout} s; see {self.log_path}")
+
+    def stop(self):
+        """Stop it; remember how long the SIGTERM took and which processes had to be killed."""
+        if self.proc is None or self.stop_s is not None:
+            return
+        start = time.monotonic()
+        self.left_behind = stop_process(self.proc, self.children)
+        self.stop_s = time.monotonic() - start
+        if self.left_behind:
+            log(f"{self.name}: killed {len(self.left_behind)} process(es) it left behind after SIGTERM")
+        if self.log_file:
+            self.log_file.close()
+            self.log_file = None
+
+
+class InProcess:
+    """`bench/inprocess.py`: a `vllm.LLM` in a subprocess answering JSON commands (replies on a pipe)."""
+
+    def __init__(self, model, *, max_model_len, kv_bytes):
+        self.model, self.name = model, "inprocess"
+        self.args = [sys.executable, str(BENCH / "inprocess.py"), "--model", model, "--max-model-len",
+                     str(max_model_len), "--kv-bytes", str(kv_bytes), "--max-num-seqs", str(MAX_NUM_SEQS)]
+        self.proc = self.log_file = None
+        self.children, self.stop_s, self.left_behind = [], None, []
+
+    def launch(self):
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.log_path = RESULTS / f"inprocess-{pathlib.Path(self.model).name}.log"
+        self.log_file = open(self.log_path, "w")
+        read_fd, write_fd = os.pipe()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([*self.args, "--reply-fd", str(write_fd)], stdin=subprocess.PIPE,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, pass_fds=[write_fd],
+                                     cwd=str(ROOT), env={**os.environ, **ENV}, text=True)
+        os.close(write_fd)
+        self.replies = os.fdopen(read_fd, "r")
+        return self
+
+    def wait_healthy(self, timeout=HEALTH_TIMEOUT_S):
+        self._read(timeout)  # the first line says it is ready
+        self.startup_s = time.monotonic() - self.started
+        self.children = process_tree(self.proc)
+        log(f"inprocess on {pathlib.Path(self.model).name} ready after {self.startup_s:.0f} s")
+        return self
+
+    def _read(self, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.replies], [], [], 1.0)
+            if ready:
+                line = self.replies.readline()
+                if line:
+                    reply = json.loads(line)
+                    if "error" in reply:
+                        raise RuntimeError(f"inprocess: {reply['error']}")
+                    return reply
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"inprocess exited with {self.proc.returncode}:\n{tail(self.log_path)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"inprocess gave no answer within {timeout} s")
+
+    def call(self, timeout=1800, **command):
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def stop(self):
+        if self.proc is None or self.stop_s is not None:
+            return
+        start = time.monotonic()
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # EOF: the runner exits on its own
+                self.proc.wait(STOP_TIMEOUT_S)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.left_behind = stop_process(self.proc, self.children)
+        self.stop_s = time.monotonic() - start
+        if self.log_file:
+            self.log_file.close()
+            self.log_file = None
+
+
+def start_all(procs):
+    """Launch everything at once, then wait for each; on any failure stop them all."""
+    try:
+        for p in procs:
+            p.launch()
+        for p in procs:
+            p.wait_healthy()
+    except BaseException:
+        stop_all(procs)
+        raise
+    return procs
+
+
+def stop_all(procs):
+    """Stop them in parallel (each stop is mostly waiting)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, len(procs))) as pool:
+        list(pool.map(lambda p: p.stop(), procs))
+
+
+def tail(path, n=40):
+    try:
+        return "\n".join(pathlib.Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------------
+
+
+def percentile(values, q):
+    """Linear-interpolated percentile, q in [0, 100]."""
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def median(values):
+    return percentile(values, 50)

@@ -1,0 +1,441 @@
+"""Benchmark `vllm_serve.py` against stock vLLM and in-process `vllm.LLM`, side by side, in one run.
+
+    python bench/run_all.py            # full run (~20 min on a loaded 2-core CPU box)
+    python bench/run_all.py --quick    # smoke run with tiny sizes (~4 min)
+    make bench ARGS=--quick
+
+Prints a markdown table of RATIOS (absolute times on a shared machine are noise; what runs side by
+side shares the noise) and writes bench/results/results.{md,json,png}; server logs go next to them.
+
+Scenarios (numbers: flags below)
+  1 chat     N concurrent single-turn chat requests, fixed max_tokens, ignore_eos: ours vs stock vLLM
+             OpenAI server vs in-process LLM.generate on the same rendered prompts (the ceiling)
+  2 turns    N closed-loop conversations of several turns, max_tokens per turn drawn (seeded) from
+             [turn_min, turn_max]; each turn appends the reply and a new user message: ours vs stock
+  3 legacy   one VLLMClient.generate of N prompts: ours (and stock) vs in-process LLM.generate
+  4 latency  sequential 1-token completions, median latency: ours vs stock
+  5 sync     push every weight of a ~0.5B model: per-param vs batched vs raw gloo (bench/weight_sync.py)
+  6 scaling  scenario 1 on our server with --data_parallel_size 1 vs 2
+
+Method: per model, every engine (ours dp1, ours dp2, stock, in-process) is started at once and stays
+up for the whole phase (an idle engine takes under 1% CPU). Each scenario first warms every target, then runs
+`repeats` rounds, alternating which target goes first, and the ratio is taken between medians. All
+engines run float32, eager, the same KV-cache bytes, max_model_len, max_num_seqs (256) and
+max_num_batched_tokens (4096: the LLM-class default our workers get; stock vLLM is given it too);
+VLLM_ENABLE_V1_MULTIPROCESSING stays at vLLM's default (on) everywhere, the production layout.
+Models are built locally (tests/tiny_model.py) into bench/.cache/models and reused: tiny (0.6M
+params, overhead-bound), medium (0.11B, compute-bound: its workload is scaled by --compute-scale),
+large (0.49B, weight sync only; --quick syncs the tiny one instead, reusing the running server).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+import load  # noqa: E402
+from common import RESULTS, InProcess, Server, log, median  # noqa: E402
+
+PROFILES = {
+    "full": dict(models="tiny,medium", repeats=3, chat_n=64, chat_tokens=64, turns_n=16, turns=4, turn_min=8,
+                 turn_max=128, legacy_n=256, legacy_tokens=32, latency_n=50, sync_model="large", sync_repeats=2,
+                 compute_scale=0.375),
+    "quick": dict(models="tiny", repeats=1, chat_n=16, chat_tokens=16, turns_n=8, turns=3, turn_min=8,
+                  turn_max=32, legacy_n=64, legacy_tokens=8, latency_n=10, sync_model="tiny", sync_repeats=1,
+                  compute_scale=0.375),
+}
+SCENARIOS = ("chat", "turns", "legacy", "latency", "sync", "scaling")
+KV_BYTES = {"tiny": 256 << 20, "small": 64 << 20, "medium": 1 << 30, "large": 128 << 20}
+MAX_MODEL_LEN = 2048
+SYNC_MAX_MODEL_LEN = 256  # the weight-sync model only needs to start
+TARGETS = {"ours": "ours dp1", "ours_dp2": "ours dp2", "stock": "stock vLLM", "inprocess": "in-process LLM"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few minutes")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    add = lambda name, kind, help: parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,  # noqa
+                                                       help=f"{help} (full: {PROFILES['full'][name]}, "
+                                                            f"quick: {PROFILES['quick'][name]})")
+    add("models", str, "comma-separated models for scenarios 1-4 and 6, of " + ",".join(common.MODEL_SPECS))
+    add("repeats", int, "measured rounds per scenario and target")
+    add("chat_n", int, "[1,6] concurrent chat requests")
+    add("chat_tokens", int, "[1,6] max_tokens per chat request")
+    add("turns_n", int, "[2] concurrent conversations")
+    add("turns", int, "[2] turns per conversation")
+    add("turn_min", int, "[2] smallest max_tokens of a turn")
+    add("turn_max", int, "[2] largest max_tokens of a turn")
+    add("legacy_n", int, "[3] prompts in the one VLLMClient.generate call")
+    add("legacy_tokens", int, "[3] max_tokens per prompt")
+    add("latency_n", int, "[4] sequential 1-token requests")
+    add("sync_model", str, "[5] model whose weights are pushed")
+    add("sync_repeats", int, "[5] rounds of each weight-sync path")
+    add("compute_scale", float, "[1-4,6] on models other than tiny, request counts and token lengths are "
+        "multiplied by this (a 0.1B model decodes ~100 tokens/s on 2 cores)")
+    args = parser.parse_args(argv)
+    for key, value in PROFILES["quick" if args.quick else "full"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.models = [m for m in args.models.split(",") if m]
+    args.only = [s for s in args.only.split(",") if s]
+    for name in [*args.models, args.sync_model]:
+        if name not in common.MODEL_SPECS:
+            parser.error(f"unknown model {name!r}; one of {', '.join(common.MODEL_SPECS)}")
+    if unknown := set(args.only) - set(SCENARIOS):
+        parser.error(f"unknown scenarios {sorted(unknown)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Rounds: warm every target, then `repeats` rounds in rotating order
+# ------------------------------------------------------------------------------------------------
+
+
+def rounds(name, targets, run, repeats, warmup=None):
+    """targets: {key: target}; run(key, target) → metrics dict. → {key: [metrics per round]}."""
+    out = {key: [] for key in targets}
+    start = time.monotonic()
+    for key, target in targets.items():
+        (warmup or run)(key, target)
+    keys = list(targets)
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            out[key].append(run(key, targets[key]))
+        shown = {k: out[k][-1].get("tokens_per_s", out[k][-1].get("p50_s")) for k in keys}
+        log(f"{name} round {r + 1}/{repeats}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    log(f"{name} done in {time.monotonic() - start:.0f} s")
+    return out
+
+
+def summarize(per_round, fields):
+    """Median over rounds of each field a target reports."""
+    return {key: {f: median([m[f] for m in ms]) for f in fields if f in ms[0]} for key, ms in per_round.items() if ms}
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenarios 1-4 and 6 on one model
+# ------------------------------------------------------------------------------------------------
+
+
+SIZED = ("chat_n", "chat_tokens", "turns_n", "turn_min", "turn_max", "legacy_n", "legacy_tokens")
+
+
+def workload(args, model_name):
+    """The sizes for this model: as given on tiny, scaled by --compute-scale on bigger ones."""
+    scale = 1.0 if model_name == "tiny" else args.compute_scale
+    return argparse.Namespace(**{**vars(args), **{k: max(1, round(getattr(args, k) * scale)) for k in SIZED}})
+
+
+def run_model_phase(model_name, args, results):
+    args = workload(args, model_name)
+    path = common.model_path(model_name)
+    kv, want = KV_BYTES[model_name], set(args.only)
+    procs = {}
+    if want & {"chat", "turns", "legacy", "latency", "scaling"} or args.sync_model == model_name:
+        procs["ours"] = Server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
+    if want & {"chat", "turns", "legacy", "latency"}:
+        procs["stock"] = Server("stock", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
+    if want & {"chat", "legacy"}:
+        procs["inprocess"] = InProcess(path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
+    if "scaling" in want:
+        procs["ours_dp2"] = Server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, dp=2)
+    phase = results["models"].setdefault(model_name, {"params": common.param_count(path), "scenarios": {},
+                                                      "sizes": {k: getattr(args, k) for k in SIZED}})
+    log(f"phase {model_name} ({phase['params'] / 1e6:.1f}M params): starting {', '.join(procs)}")
+    common.start_all(list(procs.values()))
+    try:
+        phase["startup_s"] = {k: p.startup_s for k, p in procs.items()}
+        scenarios = phase["scenarios"]
+        convs = load.conversations(args.chat_n)
+
+        if want & {"chat", "scaling"}:
+            targets = {k: p for k, p in procs.items() if k in ("ours", "stock", "inprocess") and "chat" in want
+                       or k in ("ours", "ours_dp2") and "scaling" in want}
+
+            def chat(key, target, n_tokens=args.chat_tokens):
+                if key == "inprocess":
+                    r = target.call(conversations=convs, max_tokens=n_tokens, temperature=1.0, ignore_eos=True)
+                    # all requests start together and end on the same step: latency = wall time
+                    return {"tokens_per_s": r["completion_tokens"] / r["seconds"], "p50_s": r["seconds"],
+                            "p99_s": r["seconds"], "wall_s": r["seconds"], "completion_tokens": r["completion_tokens"]}
+                return load.chat_burst(target.url, convs, n_tokens)
+
+            scenarios["chat"] = guarded(lambda: rounds(f"chat/{model_name}", targets, chat, args.repeats,
+                                                       warmup=lambda k, t: chat(k, t, min(4, args.chat_tokens))),
+                                        f"chat on {model_name}")
+
+        if "turns" in want:
+            plan = load.turn_plan(args.turns_n, args.turns, args.turn_min, args.turn_max)
+            targets = {k: procs[k] for k in ("ours", "stock")}
+            warm_plan = load.turn_plan(args.turns_n, 2, 2, 4, seed=1)
+            scenarios["turns"] = guarded(lambda: rounds(f"multi-turn/{model_name}", targets, lambda k, t: load.multi_turn(t.url, plan), args.repeats,
+                                                        warmup=lambda k, t: load.multi_turn(t.url, warm_plan)),
+                                         f"multi-turn on {model_name}")
+
+        if "legacy" in want:
+            prompts = load.plain_prompts(args.legacy_n)
+            targets = {k: procs[k] for k in ("ours", "stock", "inprocess")}
+
+            def legacy(key, target, n_tokens=args.legacy_tokens):
+                if key == "inprocess":
+                    r = target.call(prompts=prompts, max_tokens=n_tokens, temperature=1.0, ignore_eos=True, logprobs=0)
+                    return {"tokens_per_s": r["completion_tokens"] / r["seconds"], "wall_s": r["seconds"]}
+                from vllm_client import VLLMClient
+
+                with VLLMClient(base_url=target.url) as client:
+                    start = time.perf_counter()
+                    out = client.generate(prompts, max_tokens=n_tokens, generation_kwargs={"ignore_eos": True})
+                    wall = time.perf_counter() - start
+                tokens = sum(len(ids) for ids in out["completion_ids"])
+                assert tokens == len(prompts) * n_tokens, f"{key}: {tokens} tokens"
+                return {"tokens_per_s": tokens / wall, "wall_s": wall}
+
+            scenarios["legacy"] = guarded(lambda: rounds(f"legacy/{model_name}", targets, legacy, args.repeats,
+                                                         warmup=lambda k, t: legacy(k, t, 2)),
+                                          f"legacy generate on {model_name}")
+
+        if "latency" in want:
+            targets = {k: procs[k] for k in ("ours", "stock")}
+            scenarios["latency"] = guarded(lambda: rounds(f"latency/{model_name}", targets, lambda k, t: load.sequential_latency(t.url, args.latency_n),
+                                                          args.repeats, warmup=lambda k, t: load.sequential_latency(t.url, 3)),
+                                           f"latency on {model_name}")
+
+        if "sync" in want and args.sync_model == model_name:
+            results["sync"] = run_sync(procs["ours"], path, args)
+    finally:
+        common.stop_all(list(procs.values()))
+        phase["stop_s"] = {k: p.stop_s for k, p in procs.items()}
+        phase["left_behind"] = {k: len(p.left_behind) for k, p in procs.items()}
+
+
+def guarded(fn, what):
+    """A failing scenario is recorded and reported; the others still run."""
+    try:
+        return fn()
+    except Exception as exc:
+        log(f"FAILED {what}: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenario 5: weight sync, in a subprocess (it holds a full copy of the weights)
+# ------------------------------------------------------------------------------------------------
+
+
+def run_sync(server, path, args):
+    out = RESULTS / "weight_sync.json"
+    out.unlink(missing_ok=True)
+    log(f"weight sync: {common.param_count(path) / 1e6:.1f}M params, {args.sync_repeats} round(s) per path")
+    cmd = [sys.executable, str(common.BENCH / "weight_sync.py"), "--url", server.url, "--model", path,
+           "--repeats", str(args.sync_repeats), "--out", str(out)]
+    with open(RESULTS / "weight_sync.log", "w") as logf:
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(common.ROOT), timeout=3600)
+    if proc.returncode != 0 or not out.exists():
+        log(f"FAILED weight sync (exit {proc.returncode}); see {RESULTS / 'weight_sync.log'}")
+        return {"error": f"exit {proc.returncode}: {common.tail(RESULTS / 'weight_sync.log', 15)}"}
+    result = json.loads(out.read_text())
+    result["model"] = args.sync_model
+    return result
+
+
+def run_sync_phase(args, results):
+    path = common.model_path(args.sync_model)
+    server = Server("ours", path, max_model_len=SYNC_MAX_MODEL_LEN, kv_bytes=KV_BYTES[args.sync_model])
+    log(f"phase weight sync on {args.sync_model}: starting our server")
+    common.start_all([server])
+    try:
+        results["sync"] = run_sync(server, path, args)
+        results["sync"]["startup_s"] = server.startup_s
+    finally:
+        common.stop_all([server])
+
+
+# ------------------------------------------------------------------------------------------------
+# Report: ratio rows → markdown table, JSON, PNG
+# ------------------------------------------------------------------------------------------------
+
+
+def ratio_rows(results):
+    """[{scenario, model, metric, ratio, target, better}] with ratio = ours relative to the reference."""
+    rows = []
+
+    def add(scenario, model, metric, num, den, target=None, better="higher"):
+        if num is None or den is None or not den:
+            return
+        ratio = num / den
+        ok = None if target is None else (ratio >= target if better == "higher" else ratio <= target)
+        rows.append({"scenario": scenario, "model": model, "metric": metric, "ratio": ratio, "target": target,
+                     "better": better, "ok": ok})
+
+    for model, phase in results["models"].items():
+        s = phase["scenarios"]
+        med = {name: summarize(v, ("tokens_per_s", "p50_s", "p99_s", "wall_s")) for name, v in s.items()
+               if name in ("chat", "legacy") and "error" not in v}
+        med |= {name: summarize(v, ("tokens_per_s", "wall_s")) for name, v in s.items()
+                if name == "turns" and "error" not in v}
+        med |= {name: summarize(v, ("p50_s", "p99_s")) for name, v in s.items() if name == "latency" and "error" not in v}
+        get = lambda name, key, field: med.get(name, {}).get(key, {}).get(field)  # noqa: E731
+        add("1 chat", model, "tokens/s ours / stock", get("chat", "ours", "tokens_per_s"),
+            get("chat", "stock", "tokens_per_s"), 1.0)
+        add("1 chat", model, "tokens/s ours / in-process", get("chat", "ours", "tokens_per_s"),
+            get("chat", "inprocess", "tokens_per_s"), 0.8)
+        add("1 chat", model, "p50 latency ours / stock", get("chat", "ours", "p50_s"), get("chat", "stock", "p50_s"),
+            better="lower")
+        add("1 chat", model, "p99 latency ours / stock", get("chat", "ours", "p99_s"), get("chat", "stock", "p99_s"),
+            better="lower")
+        add("2 multi-turn", model, "tokens/s ours / stock", get("turns", "ours", "tokens_per_s"),
+            get("turns", "stock", "tokens_per_s"), 1.0)
+        add("2 multi-turn", model, "wall time ours / stock", get("turns", "ours", "wall_s"),
+            get("turns", "stock", "wall_s"), better="lower")
+        add("3 legacy generate", model, "tokens/s ours / in-process", get("legacy", "ours", "tokens_per_s"),
+            get("legacy", "inprocess", "tokens_per_s"), 0.9)
+        add("3 legacy generate", model, "tokens/s stock / in-process", get("legacy", "stock", "tokens_per_s"),
+            get("legacy", "inprocess", "tokens_per_s"))
+        add("4 per-request latency", model, "median ours / stock", get("latency", "ours", "p50_s"),
+            get("latency", "stock", "p50_s"), 1.0, better="lower")
+        add("4 per-request latency", model, "p99 ours / stock", get("latency", "ours", "p99_s"),
+            get("latency", "stock", "p99_s"), better="lower")
+        add("6 scaling", model, "chat tokens/s dp2 / dp1", get("chat", "ours_dp2", "tokens_per_s"),
+            get("chat", "ours", "tokens_per_s"))
+    sync = results.get("sync")
+    if sync and "error" not in sync:
+        label = f"{sync['model']} ({sync['params'] / 1e6:.1f}M)"
+        add("5 weight sync", label, "batched: raw time / path time", sync["raw_s"], sync["batched_s"], 0.7)
+        add("5 weight sync", label, "per-param: raw time / path time", sync["raw_s"], sync["per_param_s"])
+    return rows
+
+
+def fmt_target(row):
+    if row["target"] is None:
+        return "info (" + ("higher" if row["better"] == "higher" else "lower") + " is better)"
+    return ("≥ " if row["better"] == "higher" else "≤ ") + f"{row['target']:.1f}x"
+
+
+def markdown(results, rows):
+    lines = ["| Scenario | Model | Ratio | Value | Target | |", "|---|---|---|---:|---|---|"]
+    for r in rows:
+        mark = "" if r["ok"] is None else ("ok" if r["ok"] else "**MISS**")
+        lines.append(f"| {r['scenario']} | {r['model']} | {r['metric']} | {r['ratio']:.2f}x | {fmt_target(r)} | {mark} |")
+    errors = [f"- {model} / {name}: {v['error']}" for model, phase in results["models"].items()
+              for name, v in phase["scenarios"].items() if "error" in v]
+    if results.get("sync", {}).get("error"):
+        errors.append(f"- weight sync: {results['sync']['error']}")
+    return "\n".join(lines + (["", "Failed scenarios:", *errors] if errors else []))
+
+
+def details(results):
+    """Absolute numbers (noisy: for context only) and process facts."""
+    lines = ["| Model | Scenario | Target | tokens/s | p50 s | p99 s | wall s |", "|---|---|---|---:|---:|---:|---:|"]
+    for model, phase in results["models"].items():
+        for name, per_round in phase["scenarios"].items():
+            if "error" in per_round:
+                continue
+            for key, ms in per_round.items():
+                m = lambda f: f"{median([x[f] for x in ms]):.3f}" if ms and f in ms[0] else ""  # noqa: E731
+                lines.append(f"| {model} | {name} | {TARGETS[key]} | {m('tokens_per_s')} | {m('p50_s')} | "
+                             f"{m('p99_s')} | {m('wall_s')} |")
+    lines.append("")
+    for model, phase in results["models"].items():
+        fmt = lambda d: ", ".join(f"{TARGETS[k]} {v:.0f} s" for k, v in d.items() if v is not None)  # noqa: E731
+        sizes = ", ".join(f"{k}={v}" for k, v in phase.get("sizes", {}).items())
+        lines.append(f"- {model} ({phase['params'] / 1e6:.1f}M params; {sizes}): startup "
+                     f"{fmt(phase.get('startup_s', {}))}; stop after SIGTERM {fmt(phase.get('stop_s', {}))}")
+        left = {TARGETS[k]: n for k, n in phase.get("left_behind", {}).items() if n}
+        if left:
+            lines.append(f"  - processes still alive after SIGTERM + exit, killed by the benchmark: {left}")
+    sync = results.get("sync")
+    if sync and "error" not in sync:
+        lines.append(f"- weight sync {sync['model']}: {sync['params'] / 1e6:.1f}M params, {sync['bytes'] / 1e9:.2f} GB "
+                     f"in {sync['tensors']} tensors / {sync['buckets']} bucket(s) of {sync['bucket_bytes'] >> 20} MiB; "
+                     f"per-param {sync['per_param_s']:.2f} s, batched {sync['batched_s']:.2f} s, "
+                     f"raw gloo {sync['raw_s']:.2f} s; weights intact after sync: {sync['weights_intact']}")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    labels = [f"{r['scenario']} [{r['model']}]\n{r['metric']}" for r in rows][::-1]
+    values = [r["ratio"] for r in rows][::-1]
+    colors = ["tab:gray" if r["ok"] is None else "tab:green" if r["ok"] else "tab:red" for r in rows][::-1]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), values, color=colors)
+    for i, r in enumerate(rows[::-1]):
+        if r["target"] is not None:
+            ax.plot([r["target"]] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
+        ax.text(r["ratio"], i, f" {r['ratio']:.2f}x", va="center", fontsize=8)
+    ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xlabel("ratio (green: meets target, red: misses, gray: info; black tick: target)")
+    ax.set_title("vllm_serve.py relative to its references")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment():
+    import psutil
+
+    try:
+        version = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                                 text=True, timeout=120).stdout.strip()
+    except subprocess.SubprocessError:
+        version = None
+    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "load_avg": os.getloadavg(), "python": platform.python_version(), "vllm": version,
+            "platform": platform.platform(), "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                    capture_output=True, text=True,
+                                                                    cwd=common.ROOT).stdout.strip()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: every server gets stopped
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results = {"config": {k: v for k, v in vars(args).items()}, "environment": environment(), "models": {}}
+    log(f"{'quick' if args.quick else 'full'} run: models {args.models}, scenarios {args.only}")
+    try:
+        for model in args.models:
+            if set(args.only) - {"sync"} or args.sync_model == model:
+                run_model_phase(model, args, results)
+        if "sync" in args.only and "sync" not in results:
+            run_sync_phase(args, results)
+    finally:
+        results["elapsed_s"] = time.monotonic() - started
+        (RESULTS / "results.json").write_text(json.dumps(results, indent=1, default=str))  # raw data first
+        report(args, results)
+
+
+def report(args, results):
+    rows = results["ratios"] = ratio_rows(results)
+    table = markdown(results, rows)
+    title = f"# Benchmark ({'quick' if args.quick else 'full'} run, {results['elapsed_s'] / 60:.1f} min)"
+    note = ("Quick run: sizes are for a smoke test; its ratios (weight sync above all, on a 2 MB model) say "
+            "little.\n\n" if args.quick else "")
+    cfg = ", ".join(f"{k}={v}" for k, v in results["config"].items())
+    (RESULTS / "results.md").write_text(f"{title}\n\n{note}{table}\n\n## Absolute numbers (noisy)\n\n"
+                                        f"{details(results)}\n\nConfig: {cfg}\n\nEnvironment: {results['environment']}\n")
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(rows, RESULTS / "results.png")
+    print(f"\n{title}\n\n{note}{table}\n")
+    log(f"wrote {RESULTS / 'results.md'}, results.json, results.png in {results['elapsed_s']:.0f} s")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Weight sync: push every tensor of a checkpoint into a running server, three ways, and time them.
+
+    python bench/weight_sync.py --url URL --model PATH [--repeats 2] [--bucket-bytes N] --out FILE
+
+(a) per-parameter `VLLMClient.update_named_param`, (b) batched `update_named_params`, and (c) the
+limit: a raw gloo broadcast of the same packed buckets between this process and a bare receiver
+process (`--receiver`), over the same transport (a two-process group made by vLLM's
+`stateless_init_torch_distributed_process_group`, as the client and the server's workers use).
+The sender packs each bucket exactly like the client (that cost is in every timing); the receiver
+only receives (no weight loading). A path is timed until the server has loaded the last tensor:
+its workers hold a lock until then, and `reset_prefix_cache` waits for that lock.
+
+The tensors pushed are the checkpoint's own, so the model is unchanged: greedy output before and
+after must match (`weights_intact`). Paths run interleaved, repeat by repeat, to share the noise.
+Runs in its own process so that its copy of the weights is freed at the end.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import ROOT, free_port, median  # noqa: E402
+
+TIMEOUT = datetime.timedelta(seconds=900)
+
+
+def gloo_group(port, rank):
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    return stateless_init_torch_distributed_process_group("127.0.0.1", port, rank, 2, backend="gloo", timeout=TIMEOUT)
+
+
+def receiver(port, sizes, repeats):
+    """Rank 0 (the store host, like the server's first worker): receive every bucket, `repeats` times."""
+    import torch
+
+    group = gloo_group(port, 0)
+    for _ in range(repeats):
+        for size in sizes:
+            buffer = torch.empty(size, dtype=torch.uint8)
+            group.broadcast(buffer, root=1).wait()
+        group.barrier().wait()
+    group.shutdown()
+
+
+def raw_push(group, buckets):
+    import torch
+
+    start = time.perf_counter()
+    for bucket in buckets:
+        group.broadcast(torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in bucket]), root=1).wait()
+    group.barrier().wait()  # the receiver has everything
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url")
+    parser.add_argument("--model")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bucket-bytes", type=int, default=256 << 20)
+    parser.add_argument("--out")
+    parser.add_argument("--receiver", action="store_true")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--sizes")
+    args = parser.parse_args()
+    if args.receiver:
+        return receiver(args.port, json.loads(args.sizes), args.repeats)
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vllm_client import VLLMClient, _buckets
+
+    torch.set_num_threads(1)  # like a trainer's sender thread; the server gets the other core
+    named = [(name, tensor) for file in sorted(pathlib.Path(args.model).glob("*.safetensors"))
+             for name, tensor in load_file(file).items()]
+    total_bytes = sum(t.numel() * t.element_size() for _, t in named)
+    buckets = _buckets(named, args.bucket_bytes)
+    sizes = [sum(t.numel() * t.element_size() for t in bucket) for bucket in buckets]
+
+    port = free_port()
+    recv = subprocess.Popen([sys.executable, __file__, "--receiver", "--port", str(port), "--sizes", json.dumps(sizes),
+                             "--repeats", str(args.repeats)], cwd=str(ROOT))
+    try:
+        group = gloo_group(port, 1)
+        client = VLLMClient(base_url=args.url, group_port=free_port(), connection_timeout=60)
+        probe = dict(prompts=["The weather in Paris is"], temperature=0.0, max_tokens=8, logprobs=None)
+        before = client.generate(**probe)["completion_ids"]
+        start = time.perf_counter()
+        client.init_communicator(device="cpu")
+        init_s = time.perf_counter() - start
+
+        times = {"per_param": [], "batched": [], "raw": []}
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for name, tensor in named:
+                client.update_named_param(name, tensor)
+            client.reset_prefix_cache()  # returns once the last tensor is loaded
+            times["per_param"].append(time.perf_counter() - start)
+
+            start = time.perf_counter()
+            client.update_named_params(named, bucket_bytes=args.bucket_bytes)
+            client.reset_prefix_cache()
+            times["batched"].append(time.perf_counter() - start)
+
+            times["raw"].append(raw_push(group, buckets))
+        client.close_communicator()
+        after = client.generate(**probe)["completion_ids"]
+        client.close()
+        group.shutdown()
+        recv.wait(60)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.wait()
+    result = {"params": sum(t.numel() for _, t in named), "tensors": len(named), "bytes": total_bytes,
+              "buckets": len(buckets), "bucket_bytes": args.bucket_bytes, "init_communicator_s": init_s,
+              "times_s": times, **{f"{k}_s": median(v) for k, v in times.items()},
+              "weights_intact": before == after}
+    result["gb_per_s"] = {k: total_bytes / 1e9 / result[f"{k}_s"] for k in times}
+    text = json.dumps(result, indent=1)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    main()
