@@ -32,7 +32,11 @@ Limits
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
+import functools
+import gc
+import hmac
 import io
 import json
 import logging
@@ -67,6 +71,9 @@ WORKER_POLL_S = 1.0  # how often a waiting pipe read checks that the worker is s
 WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails the sync after this
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of the batched weight update (client may choose)
 LEGACY_LOGPROB_TOP_K = 100  # /get_sequence_logprobs/ default top_logprobs, as TRL
+MAX_REQUEST_BODY_BYTES = 256 << 20  # 413 above this; generous enough for a few base64 images per request
+WORKER_DEATH_GRACE_S = 3.0  # after a worker dies: answer 503 this long, then exit non-zero for a supervisor
+SHUTDOWN_TIMEOUT_S = 60.0  # on SIGTERM, how long in-flight requests may take to finish
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM workers import the extension class by this name
 
 # ------------------------------------------------------------------------------------------------
@@ -114,6 +121,10 @@ class ServeArgs:
     max_batch_requests: int = arg(MAX_BATCH_REQUESTS, "Requests per batch.")
     weight_sync_timeout: float = arg(WEIGHT_SYNC_TIMEOUT_S, "Seconds a weight-sync broadcast may wait.")
     worker_start_timeout: float = arg(WORKER_START_TIMEOUT_S, "Seconds to wait for the workers to load.")
+    api_key: str | None = arg(os.environ.get("VLLM_API_KEY"), "Require `Authorization: Bearer <key>` on every "
+                              "route but /health (default: $VLLM_API_KEY).", str)
+    max_request_body_bytes: int = arg(MAX_REQUEST_BODY_BYTES, "Larger request bodies get 413.")
+    shutdown_timeout: float = arg(SHUTDOWN_TIMEOUT_S, "On SIGTERM, seconds in-flight requests may take.")
 
     def __post_init__(self):
         if not self.model:
@@ -206,8 +217,14 @@ def token_text(token_id, decoded, as_token_id, tokenizer):
 
 
 async def read_json(request):
+    cap, chunks, size = request.app.state.server.args.max_request_body_bytes, [], 0
+    async for chunk in request.stream():  # counted as it arrives: a chunked body has no Content-Length
+        size += len(chunk)
+        if size > cap:
+            raise APIError(f"Request body larger than {cap} bytes (--max-request-body-bytes).", status=413)
+        chunks.append(chunk)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(f"Malformed JSON body: {exc}") from None
     if not isinstance(body, dict):
@@ -369,33 +386,61 @@ class WeightSyncWorkerExtension:
 
     def close_communicator(self):
         comm, self.weight_comm = getattr(self, "weight_comm", None), None
-        if comm is not None and hasattr(comm, "shutdown"):  # gloo group: frees its TCP store port
+        if comm is not None and hasattr(comm, "shutdown"):  # gloo group
             try:
                 comm.shutdown()
             except Exception as exc:
                 logger.warning("closing the old weight-sync group: %s", exc)
+        # The TCP store lives until its last reference dies; a live one on the same port would be reused
+        # by the next group, whose trainer then hangs on the dead group's stale keys.
+        del comm
+        gc.collect()
         return True
 
     def _broadcast(self, tensor):
         if getattr(self, "weight_comm", None) is None:
             raise RuntimeError("No communicator: call /init_communicator first.")
-        if self.device.type == "cuda":
-            self.weight_comm.broadcast(tensor, src=self.weight_client_rank)
-            self.weight_comm.group.barrier()
-        else:
-            self.weight_comm.broadcast(tensor, root=self.weight_client_rank).wait()
+        try:
+            if self.device.type == "cuda":
+                self.weight_comm.broadcast(tensor, src=self.weight_client_rank)
+                self.weight_comm.group.barrier()
+            else:
+                self.weight_comm.broadcast(tensor, root=self.weight_client_rank).wait()
+        except Exception:
+            self.close_communicator()  # a timed-out group is unusable; a new init must start clean
+            raise
+
+    def open_reload(self):
+        """Open a reload: layers buffer the weights they receive and are re-processed (CPU: GEMM repacking,
+        GPU: quantization) once all their shards arrived, e.g. q, k and v of a fused qkv_proj."""
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        if not getattr(self, "weight_update_open", False):
+            initialize_layerwise_reload(self.model_runner.get_model())
+            self.weight_update_open, self.weight_update_names = True, set()
+
+    def close_reload(self):
+        """Close the reload; True if one was open. Re-ties a tied lm_head to the new embedding."""
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        if not getattr(self, "weight_update_open", False):
+            return False
+        model = self.model_runner.get_model()
+        finalize_layerwise_reload(model, self.model_runner.model_config)
+        self.weight_update_open = False
+        if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
+                and "model.embed_tokens.weight" in self.weight_update_names:
+            model.lm_head.weight = model.model.embed_tokens.weight  # the reload left lm_head's packed copy stale
+            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+        return True
 
     def _load(self, named_tensors):
-        self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
-        model = self.model_runner.get_model()
-        if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
-                and any("embed_tokens" in name for name, _ in named_tensors):
-            # The reload refreshes embed_tokens but not the separately packed lm_head (CPU GEMM).
-            model.lm_head.weight = model.model.embed_tokens.weight
-            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+        self.open_reload()
+        self.model_runner.get_model().load_weights(named_tensors)
+        self.weight_update_names.update(name for name, _ in named_tensors)
 
     def update_named_param(self, name, dtype, shape):
-        """Legacy path: one tensor per call."""
+        """Legacy path: one tensor per call; the reload stays open until `close_reload`."""
         import torch
 
         weight = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=self.device)
@@ -416,7 +461,7 @@ class WeightSyncWorkerExtension:
                 named.append((name, view))
                 offset += nbytes
             self._load(named)
-        return True
+        return self.close_reload()
 
 
 def weight_buckets(metas, bucket_bytes):
@@ -452,6 +497,7 @@ class WorkerEngine:
         from vllm import LLM
 
         self.dp_rank, self.tp = dp_rank, args.tensor_parallel_size
+        self.weights_pending = False  # a per-parameter sync received tensors not yet finalized
         optional = dict(revision=args.revision, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         enable_prefix_caching=args.enable_prefix_caching,
                         distributed_executor_backend=args.distributed_executor_backend,
@@ -472,8 +518,16 @@ class WorkerEngine:
         return {"max_model_len": config.max_model_len, "vocab_size": config.get_vocab_size(),
                 "device": "cuda" if torch.cuda.is_available() else "cpu", "pid": os.getpid()}
 
+    def finish_weight_update(self):
+        """Load what a per-parameter sync sent; runs before anything that reads the weights."""
+        if self.weights_pending:
+            self.weights_pending = False
+            self.llm.collective_rpc("close_reload")
+            self.llm.reset_prefix_cache()
+
     def generate(self, prompts, params):
         """Each prompt is enqueued on its own, so one bad request fails alone: → [result | {"error"}]."""
+        self.finish_weight_update()
         results, ids = [None] * len(prompts), {}
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
             request_id = str(self.llm.request_counter.counter)  # outputs carry this external id
@@ -492,6 +546,7 @@ class WorkerEngine:
         return results
 
     def reset_prefix_cache(self):
+        self.finish_weight_update()
         return self.llm.reset_prefix_cache()
 
     def init_communicator(self, host, port, world_size, client_device_uuid, timeout_s):
@@ -499,14 +554,16 @@ class WorkerEngine:
                                                                    client_device_uuid, timeout_s))
 
     def update_named_param(self, name, dtype, shape):
-        self.llm.collective_rpc("update_named_param", args=(name, dtype, tuple(shape)))
-        return self.llm.reset_prefix_cache()
+        self.weights_pending = True
+        return self.llm.collective_rpc("update_named_param", args=(name, dtype, tuple(shape)))
 
     def update_named_params(self, metas, bucket_bytes):
+        self.finish_weight_update()
         self.llm.collective_rpc("update_named_params", args=(metas, bucket_bytes))
         return self.llm.reset_prefix_cache()
 
     def close_communicator(self):
+        self.finish_weight_update()
         return self.llm.collective_rpc("close_communicator")
 
 
@@ -560,7 +617,7 @@ class Workers:
         self.args = args
         self.lock = asyncio.Lock()
         self.processes, self.conns, self.info = [], [], None
-        self.pending_error = None  # error of the last background (fire-and-forget) exchange
+        self.sync_error = None  # why the last background (weight-sync) exchange failed, if it did
         self.background = set()
 
     def start(self):
@@ -616,7 +673,6 @@ class Workers:
         """Same call on every rank (or `ranks`); returns the results in rank order."""
         ranks = range(len(self.conns)) if ranks is None else ranks
         async with self.lock:
-            self._raise_pending()
             results = await asyncio.to_thread(self._exchange, {r: (method, args, kwargs) for r in ranks})
         return [results[r] for r in ranks]
 
@@ -633,7 +689,6 @@ class Workers:
         """
         await self.lock.acquire()
         try:
-            self._raise_pending()
             messages = {r: (method, args, kwargs) for r in range(len(self.conns))}
             await asyncio.to_thread(lambda: [self.conns[r].send(m) for r, m in messages.items()])
         except BaseException:
@@ -645,7 +700,7 @@ class Workers:
                 await asyncio.to_thread(self._drain, list(messages))
             except Exception as exc:
                 logger.error("%s failed: %s", method, exc)
-                self.pending_error = f"{method} failed: {exc}"
+                self.sync_error = f"{method} failed: {exc}"
             finally:
                 self.lock.release()
 
@@ -663,10 +718,12 @@ class Workers:
         if errors:
             raise WorkerError("; ".join(errors))
 
-    def _raise_pending(self):
-        if self.pending_error:
-            error, self.pending_error = self.pending_error, None
-            raise APIError(f"The previous weight-sync step failed: {error}", status=500)
+    def raise_sync_error(self):
+        """A weight update after a failed one would load a partial model: say so, once."""
+        if self.sync_error:
+            error, self.sync_error = self.sync_error, None
+            raise APIError(f"The previous weight-sync step failed: {error}. Call /init_communicator again.",
+                           status=409)
 
     def alive(self):
         return all(p.is_alive() for p in self.processes)
@@ -739,6 +796,24 @@ class Batcher:
     def __init__(self, workers: Workers, wait_s: float, max_requests: int):
         self.workers, self.wait_s, self.max_requests = workers, wait_s, max_requests
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self.open = asyncio.Event()  # cleared while a per-parameter weight sync is in progress
+        self.open.set()
+        self.reopen_timer = None
+
+    def hold(self, timeout_s):
+        """Keep new batches out until `release()`: TRL's per-parameter sync ends with /reset_prefix_cache,
+        and a batch in between would run on half-updated weights. A trainer that never releases is
+        timed out after `timeout_s` of inactivity."""
+        self.open.clear()
+        if self.reopen_timer:
+            self.reopen_timer.cancel()
+        self.reopen_timer = asyncio.get_running_loop().call_later(timeout_s, self.release)
+
+    def release(self):
+        if self.reopen_timer:
+            self.reopen_timer.cancel()
+            self.reopen_timer = None
+        self.open.set()
 
     async def generate(self, prompts, params):
         """→ one result per prompt: {"prompt_token_ids", "prompt_logprobs", "outputs"} or {"error"}."""
@@ -758,6 +833,7 @@ class Batcher:
                     batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
                 except asyncio.TimeoutError:
                     break
+            await self.open.wait()
             await self.dispatch(batch)
 
     async def dispatch(self, batch):
@@ -803,12 +879,41 @@ class Server:
             self.parser_cls = ParserManager.get_parser(
                 tool_parser_name=args.tool_call_parser, reasoning_parser_name=args.reasoning_parser,
                 enable_auto_tools=args.enable_auto_tool_choice, model_name=args.model, tokenizer=self.tokenizer)
+        self.exit_code = 0  # 1 once a worker died
+        self.communicator = False  # whether a trainer opened a weight-sync group (checked before updates)
         self.workers = Workers(args)
         self.batcher = Batcher(self.workers, args.batch_wait_ms / 1000, args.max_batch_requests)
+
+    @functools.cached_property
+    def checkpoint_shapes(self):
+        """{name: shape} from the checkpoint's safetensors headers (no tensor is read); None if unknown."""
+        from safetensors import safe_open
+
+        path = pathlib.Path(self.args.model)
+        if not path.is_dir():
+            try:
+                from huggingface_hub import snapshot_download
+
+                path = pathlib.Path(snapshot_download(self.args.model, revision=self.args.revision,
+                                                      allow_patterns=["*.safetensors"], local_files_only=True))
+            except Exception:
+                return None
+        shapes = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                shapes.update({name: list(f.get_slice(name).get_shape()) for name in f.keys()})
+        if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:  # tied embeddings
+            shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+        return shapes or None
 
     @property
     def max_model_len(self):
         return self.workers.info["max_model_len"]
+
+    def check_communicator(self):
+        if not self.communicator:
+            raise APIError("No weight-sync group: call /init_communicator first.", status=409)
+        self.workers.raise_sync_error()
 
     def check_model(self, name):
         if name and name not in (self.model_name, self.args.model):
@@ -1249,19 +1354,29 @@ async def legacy_sequence_logprobs(request):
 # --- weight sync ------------------------------------------------------------------------------------
 
 
-def param_meta(body, param="name"):
+def param_meta(server, body):
+    """{name, dtype, shape} checked against the checkpoint before any broadcast starts (a wrong one
+    would leave the trainer and the workers waiting on broadcasts of different sizes)."""
+    if not isinstance(body, dict):
+        raise APIError("Each parameter must be an object {name, dtype, shape}.", param="params")
     name, dtype, shape = body.get("name"), body.get("dtype"), body.get("shape")
     if not isinstance(name, str) or not name:
-        raise APIError("`name` must be a non-empty string.", param=param)
+        raise APIError("`name` must be a non-empty string.", param="name")
     if not isinstance(dtype, str) or dtype.split(".")[-1] not in TORCH_DTYPES:
         raise APIError(f"Unsupported dtype {dtype!r}; one of {sorted(TORCH_DTYPES)}.", param="dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
         raise APIError("`shape` must be a list of non-negative integers.", param="shape")
+    known = server.checkpoint_shapes
+    if known is not None:
+        if name not in known:
+            raise APIError(f"Unknown parameter {name!r}: not in the served checkpoint.", param="name")
+        if shape != known[name]:
+            raise APIError(f"Shape mismatch for {name!r}: got {shape}, the model has {known[name]}.", param="shape")
     return {"name": name, "dtype": dtype, "shape": shape}
 
 
-TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "int8", "uint8",
-                "int32", "int64"}
+TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64"}  # what a trainer holds; vLLM casts on load
 
 
 async def init_communicator(request):
@@ -1271,6 +1386,7 @@ async def init_communicator(request):
     if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
         raise APIError("`host` (string) and `port` (1-65535) are required.", param="port")
     world_size = server.args.tensor_parallel_size * server.args.data_parallel_size + 1
+    server.workers.sync_error, server.communicator = None, True
     await server.workers.fire("init_communicator", host, port, world_size, str(body.get("client_device_uuid")),
                               server.args.weight_sync_timeout)
     return JSONResponse({"message": "Request received, initializing communicator", "world_size": world_size,
@@ -1279,7 +1395,9 @@ async def init_communicator(request):
 
 async def update_named_param(request):
     server = state(request)
-    meta = param_meta(await read_json(request))
+    meta = param_meta(server, await read_json(request))
+    server.check_communicator()
+    server.batcher.hold(server.args.weight_sync_timeout)
     await server.workers.fire("update_named_param", meta["name"], meta["dtype"], meta["shape"])
     return JSONResponse({"message": "Request received, updating named parameter"})
 
@@ -1287,21 +1405,25 @@ async def update_named_param(request):
 async def update_named_params(request):
     server = state(request)
     body = await read_json(request)
-    metas = [param_meta(p) for p in legacy_list(body, "params")]
+    metas = [param_meta(server, p) for p in legacy_list(body, "params")]
     bucket_bytes = body.get("bucket_bytes", WEIGHT_BUCKET_BYTES)
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         raise APIError("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
+    server.check_communicator()
     await server.workers.fire("update_named_params", metas, bucket_bytes)
     return JSONResponse({"message": "Request received, updating named parameters",
                          "num_buckets": len(weight_buckets(metas, bucket_bytes))})
 
 
 async def reset_prefix_cache(request):
+    state(request).batcher.release()  # the end of a per-parameter sync
     results = await state(request).workers.call("reset_prefix_cache")
     return JSONResponse({"message": f"Request received, resetting prefix cache status: {all(results)}"})
 
 
 async def close_communicator(request):
+    state(request).communicator = False
+    state(request).batcher.release()
     await state(request).workers.fire("close_communicator")
     return JSONResponse({"message": "Request received, closing communicator"})
 
@@ -1346,17 +1468,68 @@ async def internal_error(request, exc):
     return APIError(f"{type(exc).__name__}: {exc}", status=500).response()
 
 
+class Guard:
+    """ASGI middleware: bearer-token auth (all routes but /health) and the declared body-size cap."""
+
+    def __init__(self, app, api_key, max_body):
+        self.app, self.max_body = app, max_body
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            error = None
+            if self.expected and scope["path"].rstrip("/") != "/health" and \
+                    not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                error = APIError("Invalid or missing API key (Authorization: Bearer <key>).", status=401)
+            elif int(headers.get(b"content-length", b"0") or 0) > self.max_body:
+                error = APIError(f"Request body larger than {self.max_body} bytes.", status=413)
+            if error:
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def watch_workers(server: Server, uvicorn_server):
+    """A dead worker: fail fast (its requests already error out), answer 503, then exit non-zero."""
+    while server.workers.alive():
+        await asyncio.sleep(WORKER_POLL_S)
+    logger.error("a vLLM worker died; exiting with status 1 in %.0f s so a supervisor restarts the server",
+                 WORKER_DEATH_GRACE_S)
+    server.exit_code = 1
+    await asyncio.sleep(WORKER_DEATH_GRACE_S)
+    uvicorn_server.should_exit = True
+
+
 def build_app(server: Server):
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
 
     async def lifespan(app):
         app.state.server = server
-        task = asyncio.create_task(server.batcher.run())
+        tasks = [asyncio.create_task(server.batcher.run())]
+        if getattr(app.state, "uvicorn_server", None) is not None:
+            tasks.append(asyncio.create_task(watch_workers(server, app.state.uvicorn_server)))
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
 
-    return Starlette(routes=routes, lifespan=lifespan,
+    return Starlette(routes=routes, lifespan=contextlib.asynccontextmanager(lifespan),
+                     middleware=[Middleware(Guard, api_key=server.args.api_key,
+                                            max_body=server.args.max_request_body_bytes)],
                      exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error})
+
+
+def serve(server: Server):
+    """uvicorn with a graceful-shutdown bound; → the process exit code."""
+    args = server.args
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning("Listening on %s without --api-key: anyone who can reach port %d can generate and "
+                       "overwrite the model weights.", args.host, args.port)
+    app = build_app(server)
+    app.state.uvicorn_server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout))
+    app.state.uvicorn_server.run()
+    return server.exit_code
 
 
 def main(argv=None):
@@ -1370,12 +1543,13 @@ def main(argv=None):
     try:
         server.workers.start()
         logger.info("%d vLLM worker(s) ready: %s", args.data_parallel_size, server.workers.info)
-        uvicorn.run(build_app(server), host=args.host, port=args.port, log_level=args.log_level)
+        exit_code = serve(server)
     except WorkerError as exc:
         logger.error("%s", exc)
         sys.exit(1)
     finally:
         server.workers.stop()
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -372,12 +372,6 @@ def test_legacy_entries_rule():
 # --- weight sync that changes outputs (a server of its own) -------------------------------------------
 
 
-SPLIT_FUSED_LAYER_BUG = (
-    "vllm_serve.py bug: WeightSyncWorkerExtension._load runs one layerwise reload per call; when a call "
-    "carries only some shards of a fused layer (q/k/v_proj -> qkv_proj, gate/up_proj -> gate_up_proj), "
-    "the shards it lacks are lost, so per-tensor updates and buckets that split such a group corrupt the model")
-
-
 @pytest.fixture(scope="module")
 def weights_client(models, start_server):
     """A second seed-0 server whose weights these tests overwrite, and a client in its weight-sync group."""
@@ -405,7 +399,6 @@ def test_update_model_params_changes_outputs(weights_client, models, greedy_refs
     assert greedy(weights_client) == greedy_refs["seed0"]
 
 
-@pytest.mark.xfail(strict=True, reason=SPLIT_FUSED_LAYER_BUG)
 def test_update_named_params_in_small_buckets(weights_client, models, greedy_refs):
     push(weights_client, models["seed0"])  # a known state, whatever the previous test left
     weights_client.update_named_params(load_weights(models["seed1"]).items(), bucket_bytes=128 << 10)
@@ -413,7 +406,6 @@ def test_update_named_params_in_small_buckets(weights_client, models, greedy_ref
     assert greedy(weights_client) == greedy_refs["seed1"]
 
 
-@pytest.mark.xfail(strict=True, reason=SPLIT_FUSED_LAYER_BUG)
 def test_update_model_params_one_tensor_at_a_time(weights_client, models, greedy_refs):
     push(weights_client, models["seed0"])
     push(weights_client, models["seed1"], batched=False)  # TRL's legacy path: one HTTP call + broadcast each
