@@ -4,8 +4,8 @@ What it does
     Spawns one worker process per data-parallel rank, each owning one `vllm.LLM`, and talks to them
     over `multiprocessing` pipes. Every pipe exchange runs in a thread under one shared asyncio lock,
     so the event loop never blocks (`/health` answers while a batch generates). Concurrent requests
-    from every generation route are gathered for a short window into one batch, split evenly across
-    the DP ranks, each request keeping its own SamplingParams. Chat prompts are rendered to token ids
+    from every generation route are batched continuously (below) across the DP ranks, each request
+    keeping its own SamplingParams. Chat prompts are rendered to token ids
     here, so one batch mixes templates, tools and sampling settings freely.
 
 Launch
@@ -23,9 +23,14 @@ Weight sync (TRL's protocol): the trainer is the last rank of a group of `tp*dp 
 workers run on CUDA, gloo over a TCP store when they run on CPU. `/update_named_params` announces
 many tensors at once; the client broadcasts them packed in buckets (one broadcast per bucket).
 
+Batching
+    Continuous: each worker steps its engine without pause; in rounds (one pipe exchange under the
+    lock) the parent hands every rank the requests that arrived since the last round and collects
+    what finished, so new requests join running generations within ROUND_WAIT_S. A weight update
+    waits until the running requests finish; requests that arrive meanwhile run on the new weights.
+
 Limits
-    Generation is batched statically: a batch runs to completion before the next one starts, and
-    `stream: true` sends the finished result as OpenAI chunks. Data-parallel ranks are independent
+    `stream: true` sends the finished result as OpenAI chunks (no token-by-token streaming). Data-parallel ranks are independent
     replicas (dense models); no tensor parallelism across DP ranks beyond `--tensor_parallel_size`.
 """
 
@@ -38,6 +43,7 @@ import functools
 import gc
 import hmac
 import io
+import itertools
 import json
 import logging
 import math
@@ -53,8 +59,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 logger = logging.getLogger("vllm_serve")
@@ -63,9 +68,10 @@ logger = logging.getLogger("vllm_serve")
 # Constants
 # ------------------------------------------------------------------------------------------------
 
-BATCH_WAIT_MS = 5.0  # after the first request, wait this long for more: enough for a burst of
-#                     concurrent HTTP requests to land, small next to one decode step
-MAX_BATCH_REQUESTS = 1024  # requests per batch; vLLM's scheduler still caps running seqs (max_num_seqs)
+BATCH_WAIT_MS = 2.0  # when idle, gather a burst this long into one prefill; busy ranks admit every round
+ROUND_WAIT_S = 0.02  # a busy rank answers a round when a request finished or after this: the longest a
+#                      new request waits to join running generations (engines keep stepping meanwhile)
+MAX_BATCH_REQUESTS = 1024  # requests admitted per round; vLLM's scheduler still caps running seqs (max_num_seqs)
 WORKER_START_TIMEOUT_S = 1800.0  # model download + load + warmup of the slowest rank
 WORKER_POLL_S = 1.0  # how often a waiting pipe read checks that the worker is still alive
 WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails the sync after this
@@ -117,8 +123,8 @@ class ServeArgs:
     max_num_seqs: int | None = arg(None, "Max sequences vLLM schedules at once (default: vLLM's).", int)
     seed: int = arg(0, "Engine seed.")
     kv_cache_memory_bytes: int | None = arg(None, "KV cache size in bytes (CPU: instead of a GiB env var).", int)
-    batch_wait_ms: float = arg(BATCH_WAIT_MS, "Batching window after the first queued request, in ms.")
-    max_batch_requests: int = arg(MAX_BATCH_REQUESTS, "Requests per batch.")
+    batch_wait_ms: float = arg(BATCH_WAIT_MS, "When idle, how long the first request waits for others, in ms.")
+    max_batch_requests: int = arg(MAX_BATCH_REQUESTS, "Requests admitted per batching round.")
     weight_sync_timeout: float = arg(WEIGHT_SYNC_TIMEOUT_S, "Seconds a weight-sync broadcast may wait.")
     worker_start_timeout: float = arg(WORKER_START_TIMEOUT_S, "Seconds to wait for the workers to load.")
     api_key: str | None = arg(os.environ.get("VLLM_API_KEY"), "Require `Authorization: Bearer <key>` on every "
@@ -491,13 +497,19 @@ def compact_logprobs(positions):
 
 
 class WorkerEngine:
-    """The object a worker process serves: each public method is one RPC."""
+    """The object a worker process serves: each public method is one RPC.
+
+    Generation is continuous: `add` enqueues requests into the running engine and `step` advances it
+    by one engine step; finished results wait in `finished` until the parent collects them.
+    """
 
     def __init__(self, args: ServeArgs, dp_rank: int):
         from vllm import LLM
 
         self.dp_rank, self.tp = dp_rank, args.tensor_parallel_size
         self.weights_pending = False  # a per-parameter sync received tensors not yet finalized
+        self.running = {}  # vLLM request id → the parent's key
+        self.finished = []  # [(key, result | {"error"})] not yet sent to the parent
         optional = dict(revision=args.revision, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         enable_prefix_caching=args.enable_prefix_caching,
                         distributed_executor_backend=args.distributed_executor_backend,
@@ -525,25 +537,37 @@ class WorkerEngine:
             self.llm.collective_rpc("close_reload")
             self.llm.reset_prefix_cache()
 
-    def generate(self, prompts, params):
-        """Each prompt is enqueued on its own, so one bad request fails alone: → [result | {"error"}]."""
+    def add(self, requests):
+        """[(key, engine prompt, SamplingParams)] → enqueued; a request vLLM refuses fails alone."""
         self.finish_weight_update()
-        results, ids = [None] * len(prompts), {}
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+        for key, prompt, sp in requests:
             request_id = str(self.llm.request_counter.counter)  # outputs carry this external id
             try:
                 self.llm.enqueue([prompt], [sp], use_tqdm=False)
-                ids[request_id] = i
+                self.running[request_id] = key
             except Exception as exc:
-                results[i] = {"error": f"{type(exc).__name__}: {exc}"}
-        for out in self.llm.wait_for_completion(use_tqdm=False) if ids else []:
-            results[ids[out.request_id]] = {
-                "prompt_token_ids": list(out.prompt_token_ids),
-                "prompt_logprobs": compact_logprobs(out.prompt_logprobs),
-                "outputs": [{"text": o.text, "token_ids": list(o.token_ids), "finish_reason": o.finish_reason,
-                             "stop_reason": o.stop_reason, "logprobs": compact_logprobs(o.logprobs)}
-                            for o in out.outputs]}
-        return results
+                self.finished.append((key, {"error": f"{type(exc).__name__}: {exc}"}))
+
+    def step(self):
+        """One engine step; an engine failure fails the requests it was running, not the worker."""
+        try:
+            for out in self.llm.llm_engine.step():  # FINAL_ONLY outputs: each is a finished request
+                self.finished.append((self.running.pop(out.request_id), {
+                    "prompt_token_ids": list(out.prompt_token_ids),
+                    "prompt_logprobs": compact_logprobs(out.prompt_logprobs),
+                    "outputs": [{"text": o.text, "token_ids": list(o.token_ids), "finish_reason": o.finish_reason,
+                                 "stop_reason": o.stop_reason, "logprobs": compact_logprobs(o.logprobs)}
+                                for o in out.outputs]}))
+        except Exception as exc:
+            logger.exception("worker %d: engine step failed", self.dp_rank)
+            self.finished += [(key, {"error": f"{type(exc).__name__}: {exc}"}) for key in self.running.values()]
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.abort_request(list(self.running))
+            self.running.clear()
+
+    def take_finished(self):
+        finished, self.finished = self.finished, []
+        return finished
 
     def reset_prefix_cache(self):
         self.finish_weight_update()
@@ -566,23 +590,51 @@ class WorkerEngine:
         self.finish_weight_update()
         return self.llm.collective_rpc("close_communicator")
 
+    def shutdown(self):
+        """Stop vLLM's own processes (EngineCore, its workers) before this one exits."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:
+            logger.warning("worker %d: engine shutdown: %s", self.dp_rank, exc)
+
 
 def worker_main(args: ServeArgs, dp_rank: int, conn):
-    """Process body: load, say ready (or why not), then answer every message with a result or an error."""
+    """Process body: load, say ready (or why not), then step the engine and serve the pipe in turns.
+
+    Every message gets one reply: the result or the exception. `generate` is the exception to
+    "reply at once": its reply (the finished requests) is owed until a request finishes or `wait_s`
+    passes, and the engine keeps stepping while the parent handles it (continuous batching).
+    """
     try:
         engine = WorkerEngine(args, dp_rank)
         conn.send(("ready", engine.info()))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
+    reply_by = None  # deadline of the owed `generate` reply
     while True:
+        if engine.running:
+            engine.step()
+        if reply_by is not None:
+            if engine.finished or not engine.running or time.monotonic() >= reply_by:
+                conn.send(("ok", engine.take_finished()))
+                reply_by = None
+            continue
+        if engine.running and not conn.poll(0):
+            continue
         try:
-            method, a, kw = conn.recv()
+            method, a, kw = conn.recv()  # blocks only while idle
         except (EOFError, KeyboardInterrupt):  # parent gone
             break
         if method == "shutdown":
+            engine.shutdown()
             break
         try:
+            if method == "generate":
+                requests, wait_s = a
+                engine.add(requests)
+                reply_by = time.monotonic() + wait_s
+                continue
             reply = ("ok", getattr(engine, method)(*a, **kw))
         except Exception as exc:
             logger.exception("worker %d: %s failed", dp_rank, method)
@@ -597,17 +649,6 @@ def worker_main(args: ServeArgs, dp_rank: int, conn):
 
 class WorkerError(Exception):
     pass
-
-
-def chunk_list(items, n):
-    """Split into n contiguous chunks whose sizes differ by at most one, earlier ones bigger.
-
-    >>> chunk_list([1, 2, 3, 4, 5, 6], 4)
-    [[1, 2], [3, 4], [5], [6]]
-    """
-    k, r = divmod(len(items), n)
-    bounds = [i * k + min(i, r) for i in range(n + 1)]
-    return [items[bounds[i]:bounds[i + 1]] for i in range(n)]
 
 
 class Workers:
@@ -783,31 +824,54 @@ def gpu_count():
 
 @dataclass
 class Pending:
-    """One HTTP request's share of a batch: engine prompts, one SamplingParams each, and its future."""
+    """One HTTP request in the batcher: engine prompts, one SamplingParams each, and its future."""
 
     prompts: list
     params: list
     future: asyncio.Future
+    results: list = field(default_factory=list)  # one slot per prompt, filled as the ranks finish them
+    left: int = 0  # prompts not finished yet
 
 
 class Batcher:
-    """Gathers concurrent requests for `wait_s` (up to `max_requests`), splits them across DP ranks."""
+    """Continuous batching over the DP ranks.
 
-    def __init__(self, workers: Workers, wait_s: float, max_requests: int):
-        self.workers, self.wait_s, self.max_requests = workers, wait_s, max_requests
+    Each round is one exchange under the workers' lock: every rank with work gets the requests that
+    queued since the last round (least-loaded rank first, each with its own SamplingParams) and
+    answers with what finished. Ranks keep generating between rounds, so a request that arrives
+    mid-generation joins the running batch instead of waiting for it to end. When idle, the first
+    request opens a `wait_s` window to gather a burst into one prefill.
+    """
+
+    def __init__(self, workers: Workers, wait_s: float, max_requests: int, round_s: float):
+        self.workers, self.wait_s, self.max_requests, self.round_s = workers, wait_s, max_requests, round_s
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
-        self.open = asyncio.Event()  # cleared while a per-parameter weight sync is in progress
+        self.inflight = {}  # key → (Pending, prompt index, rank)
+        self.load = {}  # rank → prompts running there
+        self.keys = itertools.count()
+        self.open = asyncio.Event()  # cleared while a weight sync holds new requests back
         self.open.set()
+        self.drained = asyncio.Event()  # set while no request runs on any rank
         self.reopen_timer = None
 
-    def hold(self, timeout_s):
-        """Keep new batches out until `release()`: TRL's per-parameter sync ends with /reset_prefix_cache,
-        and a batch in between would run on half-updated weights. A trainer that never releases is
-        timed out after `timeout_s` of inactivity."""
+    async def generate(self, prompts, params):
+        """→ one result per prompt: {"prompt_token_ids", "prompt_logprobs", "outputs"} or {"error"}."""
+        item = Pending(prompts, params, asyncio.get_running_loop().create_future(), [None] * len(prompts),
+                       len(prompts))
+        await self.queue.put(item)
+        return await item.future
+
+    async def hold(self, timeout_s=None):
+        """Keep new requests queued and wait until the running ones finished: a weight update must not
+        land in the middle of a generation. `timeout_s`: reopen by itself if the trainer never releases
+        (TRL's per-parameter sync ends with /reset_prefix_cache)."""
         self.open.clear()
         if self.reopen_timer:
             self.reopen_timer.cancel()
-        self.reopen_timer = asyncio.get_running_loop().call_later(timeout_s, self.release)
+            self.reopen_timer = None
+        if timeout_s is not None:
+            self.reopen_timer = asyncio.get_running_loop().call_later(timeout_s, self.release)
+        await self.drained.wait()
 
     def release(self):
         if self.reopen_timer:
@@ -815,46 +879,61 @@ class Batcher:
             self.reopen_timer = None
         self.open.set()
 
-    async def generate(self, prompts, params):
-        """→ one result per prompt: {"prompt_token_ids", "prompt_logprobs", "outputs"} or {"error"}."""
-        item = Pending(prompts, params, asyncio.get_running_loop().create_future())
-        await self.queue.put(item)
-        return await item.future
-
     async def run(self):
         while True:
-            batch = [await self.queue.get()]
+            items = await self.admit()
+            try:
+                await self.round(items)
+            except Exception as exc:  # a dead worker or a broken pipe: fail what was in flight, keep serving
+                logger.error("generation round failed: %s", exc)
+                for item, *_ in self.inflight.values():
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                self.inflight.clear()
+                self.load = dict.fromkeys(self.load, 0)
+
+    async def admit(self):
+        """Requests for the next round: none while a sync holds them back; when idle, block for the first
+        and gather for `wait_s`; when busy, whatever queued meanwhile."""
+        items = []
+        if not self.inflight:
+            self.drained.set()
+            items.append(await self.queue.get())
             deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.max_requests:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0 and self.queue.empty():
-                    break
+            while len(items) < self.max_requests and (timeout := deadline - time.monotonic()) > 0:
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
+                    items.append(await asyncio.wait_for(self.queue.get(), timeout))
                 except asyncio.TimeoutError:
                     break
             await self.open.wait()
-            await self.dispatch(batch)
+            self.drained.clear()  # no await after the check above: a sync cannot slip in between
+        if self.open.is_set():
+            while len(items) < self.max_requests and not self.queue.empty():
+                items.append(self.queue.get_nowait())
+        return items
 
-    async def dispatch(self, batch):
-        flat = [(i, p, sp) for i, item in enumerate(batch) for p, sp in zip(item.prompts, item.params)]
-        chunks = chunk_list(flat, len(self.workers.conns))
-        messages = {rank: ("generate", ([p for _, p, _ in chunk], [sp for *_, sp in chunk]), {})
-                    for rank, chunk in enumerate(chunks) if chunk}
-        try:
-            results = await self.workers.call_each(messages)
-        except Exception as exc:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        per_request = [[] for _ in batch]
-        for rank, chunk in enumerate(chunks):
-            for (i, _, _), result in zip(chunk, results.get(rank, [])):
-                per_request[i].append(result)
-        for item, results_i in zip(batch, per_request):
-            if not item.future.done():
-                item.future.set_result(results_i)
+    async def round(self, items):
+        """Send new requests to the least-loaded ranks, collect what finished anywhere."""
+        ranks = range(len(self.workers.conns))
+        new = {rank: [] for rank in ranks}
+        for item in items:
+            for index, (prompt, sp) in enumerate(zip(item.prompts, item.params)):
+                rank = min(ranks, key=lambda r: self.load.get(r, 0))
+                key = next(self.keys)
+                self.inflight[key] = (item, index, rank)
+                self.load[rank] = self.load.get(rank, 0) + 1
+                new[rank].append((key, prompt, sp))
+        messages = {rank: ("generate", (new[rank], self.round_s), {}) for rank in ranks
+                    if new[rank] or self.load.get(rank)}
+        replies = await self.workers.call_each(messages)
+        for rank, finished in replies.items():
+            for key, result in finished:
+                item, index, rank = self.inflight.pop(key)
+                self.load[rank] -= 1
+                item.results[index] = result
+                item.left -= 1
+                if item.left == 0 and not item.future.done():
+                    item.future.set_result(item.results)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -882,7 +961,7 @@ class Server:
         self.exit_code = 0  # 1 once a worker died
         self.communicator = False  # whether a trainer opened a weight-sync group (checked before updates)
         self.workers = Workers(args)
-        self.batcher = Batcher(self.workers, args.batch_wait_ms / 1000, args.max_batch_requests)
+        self.batcher = Batcher(self.workers, args.batch_wait_ms / 1000, args.max_batch_requests, ROUND_WAIT_S)
 
     @functools.cached_property
     def checkpoint_shapes(self):
@@ -1397,7 +1476,7 @@ async def update_named_param(request):
     server = state(request)
     meta = param_meta(server, await read_json(request))
     server.check_communicator()
-    server.batcher.hold(server.args.weight_sync_timeout)
+    await server.batcher.hold(server.args.weight_sync_timeout)  # released by /reset_prefix_cache
     await server.workers.fire("update_named_param", meta["name"], meta["dtype"], meta["shape"])
     return JSONResponse({"message": "Request received, updating named parameter"})
 
@@ -1410,7 +1489,11 @@ async def update_named_params(request):
     if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
         raise APIError("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
     server.check_communicator()
-    await server.workers.fire("update_named_params", metas, bucket_bytes)
+    await server.batcher.hold()
+    try:  # requests queued meanwhile run after the update: the lock keeps them out until it is done
+        await server.workers.fire("update_named_params", metas, bucket_bytes)
+    finally:
+        server.batcher.release()
     return JSONResponse({"message": "Request received, updating named parameters",
                          "num_buckets": len(weight_buckets(metas, bucket_bytes))})
 
