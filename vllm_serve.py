@@ -26,7 +26,7 @@ many tensors at once; the client broadcasts them packed in buckets (one broadcas
 Batching
     Continuous: each worker steps its engine without pause; in rounds (one pipe exchange under the
     lock) the parent hands every rank the requests that arrived since the last round and collects
-    what finished, so new requests join running generations within ROUND_WAIT_S. A weight update
+    what finished, so new requests join running generations within ROUND_WAIT_MS. A weight update
     waits until the running requests finish; requests that arrive meanwhile run on the new weights.
 
 Limits
@@ -68,9 +68,10 @@ logger = logging.getLogger("vllm_serve")
 # Constants
 # ------------------------------------------------------------------------------------------------
 
-BATCH_WAIT_MS = 2.0  # when idle, gather a burst this long into one prefill; busy ranks admit every round
-ROUND_WAIT_S = 0.02  # a busy rank answers a round when a request finished or after this: the longest a
-#                      new request waits to join running generations (engines keep stepping meanwhile)
+BATCH_WAIT_MS = 1.0  # when idle, gather a burst this long into one prefill; busy ranks admit every round
+ROUND_WAIT_MS = 5.0  # a busy rank answers a round after one engine step, once a request finished or this
+#                      passed: the longest a new request waits to join running generations (engines keep
+#                      stepping while the parent handles the answer, so short rounds cost no GPU time)
 MAX_BATCH_REQUESTS = 1024  # requests admitted per round; vLLM's scheduler still caps running seqs (max_num_seqs)
 WORKER_START_TIMEOUT_S = 1800.0  # model download + load + warmup of the slowest rank
 WORKER_POLL_S = 1.0  # how often a waiting pipe read checks that the worker is still alive
@@ -125,6 +126,7 @@ class ServeArgs:
     kv_cache_memory_bytes: int | None = arg(None, "KV cache size in bytes (CPU: instead of a GiB env var).", int)
     batch_wait_ms: float = arg(BATCH_WAIT_MS, "When idle, how long the first request waits for others, in ms.")
     max_batch_requests: int = arg(MAX_BATCH_REQUESTS, "Requests admitted per batching round.")
+    round_wait_ms: float = arg(ROUND_WAIT_MS, "Longest a busy rank runs before taking new requests, in ms.")
     weight_sync_timeout: float = arg(WEIGHT_SYNC_TIMEOUT_S, "Seconds a weight-sync broadcast may wait.")
     worker_start_timeout: float = arg(WORKER_START_TIMEOUT_S, "Seconds to wait for the workers to load.")
     api_key: str | None = arg(os.environ.get("VLLM_API_KEY"), "Require `Authorization: Bearer <key>` on every "
@@ -961,7 +963,8 @@ class Server:
         self.exit_code = 0  # 1 once a worker died
         self.communicator = False  # whether a trainer opened a weight-sync group (checked before updates)
         self.workers = Workers(args)
-        self.batcher = Batcher(self.workers, args.batch_wait_ms / 1000, args.max_batch_requests, ROUND_WAIT_S)
+        self.batcher = Batcher(self.workers, args.batch_wait_ms / 1000, args.max_batch_requests,
+                               args.round_wait_ms / 1000)
 
     @functools.cached_property
     def checkpoint_shapes(self):
