@@ -68,7 +68,8 @@ logger = logging.getLogger("vllm_serve")
 # Constants
 # ------------------------------------------------------------------------------------------------
 
-BATCH_WAIT_MS = 1.0  # when idle, gather a burst this long into one prefill; busy ranks admit every round
+BATCH_WAIT_MS = 0.0  # when idle, how long the first request waits for company. 0: start at once; the rest
+#                     of a burst joins at the next engine step anyway, and a lone request pays no delay
 ROUND_WAIT_MS = 5.0  # a busy rank answers a round after one engine step, once a request finished or this
 #                      passed: the longest a new request waits to join running generations (engines keep
 #                      stepping while the parent handles the answer, so short rounds cost no GPU time)
