@@ -70,9 +70,8 @@ logger = logging.getLogger("vllm_serve")
 
 BATCH_WAIT_MS = 0.0  # when idle, how long the first request waits for company. 0: start at once; the rest
 #                     of a burst joins at the next engine step anyway, and a lone request pays no delay
-ROUND_WAIT_MS = 5.0  # a busy rank answers a round after one engine step, once a request finished or this
-#                      passed: the longest a new request waits to join running generations (engines keep
-#                      stepping while the parent handles the answer, so short rounds cost no GPU time)
+ROUND_WAIT_MS = 5.0  # a busy rank answers a round once a request finished or after this: the longest a new
+#                      request waits to reach the engine (which keeps stepping in its own process meanwhile)
 MAX_BATCH_REQUESTS = 1024  # requests admitted per round; vLLM's scheduler still caps running seqs (max_num_seqs)
 WORKER_START_TIMEOUT_S = 1800.0  # model download + load + warmup of the slowest rank
 WORKER_POLL_S = 1.0  # how often a waiting pipe read checks that the worker is still alive
@@ -568,6 +567,15 @@ class WorkerEngine:
                 self.llm.llm_engine.abort_request(list(self.running))
             self.running.clear()
 
+    def output_ready(self, timeout):
+        """Whether `step` would return at once, waiting up to `timeout` s for the engine's next output.
+        vLLM's EngineCore process steps on its own; an in-process engine steps inside `step`."""
+        outputs = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)  # queue.Queue (MP mode)
+        if outputs is None:
+            return True
+        with outputs.not_empty:  # its own lock: peek at the deque, consume nothing
+            return outputs.not_empty.wait_for(lambda: len(outputs.queue) > 0, max(timeout, 0))
+
     def take_finished(self):
         finished, self.finished = self.finished, []
         return finished
@@ -602,11 +610,11 @@ class WorkerEngine:
 
 
 def worker_main(args: ServeArgs, dp_rank: int, conn):
-    """Process body: load, say ready (or why not), then step the engine and serve the pipe in turns.
+    """Process body: load, say ready (or why not), then answer every message with a result or an error.
 
-    Every message gets one reply: the result or the exception. `generate` is the exception to
-    "reply at once": its reply (the finished requests) is owed until a request finishes or `wait_s`
-    passes, and the engine keeps stepping while the parent handles it (continuous batching).
+    `generate` (a batching round) adds requests to the running engine and is answered with what
+    finished once something did or `wait_s` passed; vLLM's EngineCore keeps stepping in the meantime,
+    so short rounds admit new requests at the next engine step without slowing the running ones.
     """
     try:
         engine = WorkerEngine(args, dp_rank)
@@ -616,17 +624,15 @@ def worker_main(args: ServeArgs, dp_rank: int, conn):
         return
     reply_by = None  # deadline of the owed `generate` reply
     while True:
-        if engine.running:
-            engine.step()
         if reply_by is not None:
+            if engine.running and engine.output_ready(reply_by - time.monotonic()):
+                engine.step()
             if engine.finished or not engine.running or time.monotonic() >= reply_by:
                 conn.send(("ok", engine.take_finished()))
                 reply_by = None
             continue
-        if engine.running and not conn.poll(0):
-            continue
         try:
-            method, a, kw = conn.recv()  # blocks only while idle
+            method, a, kw = conn.recv()
         except (EOFError, KeyboardInterrupt):  # parent gone
             break
         if method == "shutdown":
@@ -1469,6 +1475,9 @@ async def init_communicator(request):
     if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
         raise APIError("`host` (string) and `port` (1-65535) are required.", param="port")
     world_size = server.args.tensor_parallel_size * server.args.data_parallel_size + 1
+    # Close a stale group (a trainer that died without closing, TRL #3408) before answering: its TCP store
+    # still listens on the port, and a trainer joining it would lose the connection when it closes.
+    await server.workers.call("close_communicator")
     server.workers.sync_error, server.communicator = None, True
     await server.workers.fire("init_communicator", host, port, world_size, str(body.get("client_device_uuid")),
                               server.args.weight_sync_timeout)

@@ -129,8 +129,10 @@ def start_server(tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def server(models, start_server):
-    """The standard tiny server: DP 1, hermes tool parser, auto tool choice."""
-    srv = start_server(models["seed0"], "--enable_auto_tool_choice", "--tool_call_parser", "hermes")
+    """The standard tiny server: DP 1, hermes tool parser, auto tool choice, and vLLM's production layout
+    (EngineCore in its own process: the worker overlaps batching rounds with engine steps)."""
+    srv = start_server(models["seed0"], "--enable_auto_tool_choice", "--tool_call_parser", "hermes",
+                       env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     yield srv
     srv.stop()
 
