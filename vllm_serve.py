@@ -1469,24 +1469,37 @@ async def internal_error(request, exc):
 
 
 class Guard:
-    """ASGI middleware: bearer-token auth (all routes but /health) and the declared body-size cap."""
+    """ASGI middleware: bearer-token auth (every route but /health), then the body-size cap, checked on
+    the declared Content-Length before anything is read and on the bytes as they arrive (a chunked
+    body declares none): reading past the cap raises a 413 in the handler that reads."""
 
     def __init__(self, app, api_key, max_body):
         self.app, self.max_body = app, max_body
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            error = None
-            if self.expected and scope["path"].rstrip("/") != "/health" and \
-                    not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-                error = APIError("Invalid or missing API key (Authorization: Bearer <key>).", status=401)
-            elif int(headers.get(b"content-length", b"0") or 0) > self.max_body:
-                error = APIError(f"Request body larger than {self.max_body} bytes.", status=413)
-            if error:
-                return await error.response()(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        too_large = APIError(f"Request body larger than {self.max_body} bytes (--max-request-body-bytes).", status=413)
+        if self.expected and scope["path"].rstrip("/") != "/health" and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            error = APIError("Invalid or missing API key (Authorization: Bearer <key>).", status=401)
+            return await error.response()(scope, receive, send)
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await too_large.response()(scope, receive, send)
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise too_large
+            return message
+
+        await self.app(scope, capped_receive, send)
 
 
 async def watch_workers(server: Server, uvicorn_server):
@@ -1519,10 +1532,22 @@ def build_app(server: Server):
                      exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error})
 
 
+def exposed_without_key(host, api_key):
+    """Whether anyone beyond this machine could generate and overwrite the weights."""
+    import ipaddress
+
+    if api_key or host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (every interface): assume it is reachable
+        return True
+
+
 def serve(server: Server):
     """uvicorn with a graceful-shutdown bound; → the process exit code."""
     args = server.args
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if exposed_without_key(args.host, args.api_key):
         logger.warning("Listening on %s without --api-key: anyone who can reach port %d can generate and "
                        "overwrite the model weights.", args.host, args.port)
     app = build_app(server)
@@ -1539,6 +1564,7 @@ def main(argv=None):
     # SIGTERM unwinds main() so the workers are always stopped; uvicorn re-raises it after its own
     # graceful shutdown, which then ends here as a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    args.api_key = args.api_key or os.environ.get("VLLM_API_KEY")  # a --config `env:` exports it after import
     server = Server(args)
     try:
         server.workers.start()
