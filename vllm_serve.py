@@ -72,6 +72,8 @@ WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails th
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of the batched weight update (client may choose)
 LEGACY_LOGPROB_TOP_K = 100  # /get_sequence_logprobs/ default top_logprobs, as TRL
 MAX_REQUEST_BODY_BYTES = 256 << 20  # 413 above this; generous enough for a few base64 images per request
+MAX_JSON_DEPTH = 64  # nesting levels a body may have; real requests, tool schemas included, stay under 20
+JSON_THREAD_BYTES = 1 << 20  # bodies above this are parsed in a thread (~10 ms of json.loads per MiB)
 WORKER_DEATH_GRACE_S = 3.0  # after a worker dies: answer 503 this long, then exit non-zero for a supervisor
 SHUTDOWN_TIMEOUT_S = 60.0  # on SIGTERM, how long in-flight requests may take to finish
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM workers import the extension class by this name
@@ -203,6 +205,11 @@ class APIError(Exception):
         return JSONResponse({"error": body}, status_code=self.status)
 
 
+def is_int(x):
+    """A JSON integer; Python's bool is an int subclass, JSON's true is not."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def finite(x):
     """Logprob for JSON: NaN → null; -inf → -9999.0 as stock vLLM (JSON has no infinities)."""
     if x is None or math.isnan(x):
@@ -217,19 +224,50 @@ def token_text(token_id, decoded, as_token_id, tokenizer):
 
 
 async def read_json(request):
-    cap, chunks, size = request.app.state.server.args.max_request_body_bytes, [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked body has no Content-Length
-        size += len(chunk)
-        if size > cap:
-            raise APIError(f"Request body larger than {cap} bytes (--max-request-body-bytes).", status=413)
-        chunks.append(chunk)
+    """The body as a JSON object, else 400. Its size is capped by `Guard`, chunked bodies included."""
+    from starlette.requests import ClientDisconnect
+
     try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(f"Malformed JSON body: {exc}") from None
+        raw = await request.body()
+    except ClientDisconnect:  # nobody is left to read the answer; say why in the access log
+        raise APIError("The client disconnected before sending the whole body.") from None
+    if len(raw) > JSON_THREAD_BYTES:  # parsing a big body takes a while: keep the event loop free meanwhile
+        return await asyncio.to_thread(parse_json, raw)
+    return parse_json(raw)
+
+
+def parse_json(raw):
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise APIError(f"Malformed JSON body: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object.")
+    check_json(body)
     return body
+
+
+def check_json(value):
+    """400 for what `json.loads` accepts but nothing downstream should see: nesting deeper than
+    MAX_JSON_DEPTH (recursion in pydantic, Jinja, or the pickling to the workers) and lone UTF-16
+    surrogates such as "\\ud800" (no tokenizer encodes them)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError("The body holds a string that is not valid Unicode (a lone surrogate).") from None
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"The body is nested deeper than {MAX_JSON_DEPTH} levels.")
+        children = item if isinstance(item, list) else [*item.keys(), *item.values()]
+        stack.extend([(c, depth + 1) for c in children if type(c) in JSON_TEXT_OR_NESTED])  # 25 ns per number
+
+
+JSON_TEXT_OR_NESTED = {str, list, dict}  # what json.loads builds that check_json must look into
 
 
 def validate(model_cls, body):
@@ -268,12 +306,16 @@ def normalize_messages(messages):
     """
     conversation, images = [], []
     for message in messages:
+        if not isinstance(message, dict):
+            raise APIError("Each message must be an object.", param="messages")
         message = dict(message)
         content = message.get("content")
         if isinstance(content, list):
             parts, texts = [], []
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and not isinstance(part.get("text"), str):
+                    raise APIError("A text content part needs a string `text`.", param="messages")
                 if kind == "text":
                     texts.append(part["text"])
                     parts.append({"type": "text", "text": part["text"]})
@@ -284,7 +326,11 @@ def normalize_messages(messages):
                 else:
                     raise APIError(f"Unsupported content part type: {kind!r}", param="messages")
             message["content"] = parts if len(parts) != len(texts) else "\n".join(texts)
-        for call in message.get("tool_calls") or []:
+        calls = message.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function", {}), dict)
+                                                  for c in calls):
+            raise APIError("`tool_calls` must be a list of {id, type, function: {name, arguments}}.", param="messages")
+        for call in calls:
             function = call.get("function", {})
             if isinstance(function.get("arguments"), str):
                 try:
@@ -928,10 +974,10 @@ class Server:
 
     def check_prompt(self, token_ids, max_tokens, param="prompt"):
         """→ max_tokens to use (default: what fits). 400 for empty, too long, or out-of-vocab prompts."""
-        if not token_ids:
-            raise APIError("The prompt is empty.", param=param)
+        if not isinstance(token_ids, list) or not token_ids:
+            raise APIError("The prompt must be a non-empty list of token ids.", param=param)
         vocab = self.workers.info["vocab_size"]
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= vocab for t in token_ids):
+        if any(not is_int(t) or t < 0 or t >= vocab for t in token_ids):
             raise APIError(f"Prompt token ids must be integers in [0, {vocab}).", param=param)
         room = self.max_model_len - len(token_ids)
         if max_tokens is None:
@@ -1025,7 +1071,7 @@ def completion_prompts(server, prompt):
     if not isinstance(prompt, list) or not prompt:
         raise APIError("prompt must be a non-empty string, list of strings, or (list of) token-id lists.",
                        param="prompt")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if all(is_int(t) for t in prompt):
         prompt = [prompt]
     out = []
     for p in prompt:
@@ -1211,17 +1257,19 @@ def legacy_sampling_params(server, body, max_tokens_room):
     if not isinstance(extra, dict):
         raise APIError("generation_kwargs must be an object.", param="generation_kwargs")
     kwargs.update(extra)
-    if isinstance(kwargs.get("structured_outputs"), dict):
-        kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
-    if body.get("structured_outputs_regex"):
-        kwargs["structured_outputs"] = StructuredOutputsParams(regex=body["structured_outputs_regex"])
     if kwargs["top_k"] == 0:
         kwargs["top_k"] = -1
-    server.check_logprobs(kwargs.get("logprobs"))
     if isinstance(kwargs["max_tokens"], int) and kwargs["max_tokens"] > max_tokens_room:
         raise APIError(f"max_tokens={kwargs['max_tokens']} does not fit in max_model_len.", param="max_tokens")
     try:
+        server.check_logprobs(kwargs.get("logprobs"))
+        if isinstance(kwargs.get("structured_outputs"), dict):
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+        if body.get("structured_outputs_regex"):
+            kwargs["structured_outputs"] = StructuredOutputsParams(regex=body["structured_outputs_regex"])
         return SamplingParams(**kwargs)
+    except APIError:
+        raise
     except Exception as exc:  # SamplingParams' own validation (VLLMValidationError, ValueError, TypeError)
         raise APIError(str(exc), param=getattr(exc, "parameter", None)) from None
 
@@ -1251,8 +1299,8 @@ async def legacy_generate(request):
     body = await read_json(request)
     prompts = legacy_list(body, "prompts")
     images = legacy_list(body, "images", required=False) or [None] * len(prompts)
-    if len(images) != len(prompts):
-        raise APIError("`images` must have one entry per prompt.", param="images")
+    if len(images) != len(prompts) or not all(i is None or isinstance(i, list) for i in images):
+        raise APIError("`images` must have one entry per prompt: null or a list of base64 strings.", param="images")
     engine_prompts, shortest_room = [], server.max_model_len
     for prompt, image_list in zip(prompts, images):
         if isinstance(prompt, str):
@@ -1307,16 +1355,20 @@ async def legacy_sequence_logprobs(request):
     fmt = body.get("response_format", "json")
     if len(sequences) != len(prompt_lengths):
         raise APIError("`sequences` and `prompt_lengths` must have the same length.", param="prompt_lengths")
-    if not isinstance(top_k, int) or top_k < 1 or not isinstance(temperature, (int, float)) or temperature <= 0:
+    if not is_int(top_k) or top_k < 1 or not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+            or not temperature > 0:
         raise APIError("top_logprobs must be an int >= 1 and temperature > 0.", param="top_logprobs")
     if fmt not in ("json", "binary"):
         raise APIError("response_format must be 'json' or 'binary'.", param="response_format")
     for seq, plen in zip(sequences, prompt_lengths):
         server.check_prompt(seq, 1, param="sequences")
-        if not isinstance(plen, int) or not 0 <= plen <= len(seq):
+        if not is_int(plen) or not 0 <= plen <= len(seq):
             raise APIError("Each prompt_length must be in [0, len(sequence)].", param="prompt_lengths")
     server.check_logprobs(top_k)
-    sp = SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=top_k)
+    try:
+        sp = SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=top_k)
+    except Exception as exc:  # e.g. an infinite temperature
+        raise APIError(str(exc), param=getattr(exc, "parameter", None)) from None
     results = await server.generate([{"prompt_token_ids": s} for s in sequences], [sp] * len(sequences))
     logprobs, token_ids, actual_lp, actual_ids = [], [], [], []
     for seq, plen, result in zip(sequences, prompt_lengths, results):
@@ -1364,8 +1416,7 @@ def param_meta(server, body):
         raise APIError("`name` must be a non-empty string.", param="name")
     if not isinstance(dtype, str) or dtype.split(".")[-1] not in TORCH_DTYPES:
         raise APIError(f"Unsupported dtype {dtype!r}; one of {sorted(TORCH_DTYPES)}.", param="dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise APIError("`shape` must be a list of non-negative integers.", param="shape")
     known = server.checkpoint_shapes
     if known is not None:
@@ -1383,8 +1434,10 @@ async def init_communicator(request):
     server = state(request)
     body = await read_json(request)
     host, port = body.get("host"), body.get("port")
-    if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
-        raise APIError("`host` (string) and `port` (1-65535) are required.", param="port")
+    if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isprintable() or " " in host:
+        raise APIError("`host` must be a host name or an IP address.", param="host")
+    if not is_int(port) or not 0 < port < 65536:
+        raise APIError("`port` must be an integer in 1-65535.", param="port")
     world_size = server.args.tensor_parallel_size * server.args.data_parallel_size + 1
     server.workers.sync_error, server.communicator = None, True
     await server.workers.fire("init_communicator", host, port, world_size, str(body.get("client_device_uuid")),
@@ -1407,7 +1460,7 @@ async def update_named_params(request):
     body = await read_json(request)
     metas = [param_meta(server, p) for p in legacy_list(body, "params")]
     bucket_bytes = body.get("bucket_bytes", WEIGHT_BUCKET_BYTES)
-    if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+    if not is_int(bucket_bytes) or bucket_bytes < 1:
         raise APIError("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
     server.check_communicator()
     await server.workers.fire("update_named_params", metas, bucket_bytes)
