@@ -76,6 +76,7 @@ MAX_JSON_DEPTH = 64  # nesting levels a body may have; real requests, tool schem
 JSON_THREAD_BYTES = 1 << 20  # bodies above this are parsed in a thread (~10 ms of json.loads per MiB)
 WORKER_DEATH_GRACE_S = 3.0  # after a worker dies: answer 503 this long, then exit non-zero for a supervisor
 SHUTDOWN_TIMEOUT_S = 60.0  # on SIGTERM, how long in-flight requests may take to finish
+ORPHAN_STOP_TIMEOUT_S = 5.0  # SIGTERM → SIGKILL for engine processes a dead worker left behind
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM workers import the extension class by this name
 
 # ------------------------------------------------------------------------------------------------
@@ -926,6 +927,7 @@ class Server:
                 tool_parser_name=args.tool_call_parser, reasoning_parser_name=args.reasoning_parser,
                 enable_auto_tools=args.enable_auto_tool_choice, model_name=args.model, tokenizer=self.tokenizer)
         self.exit_code = 0  # 1 once a worker died
+        self.engine_processes = []  # the processes under the workers, as last seen (see watch_workers)
         self.communicator = False  # whether a trainer opened a weight-sync group (checked before updates)
         self.workers = Workers(args)
         self.batcher = Batcher(self.workers, args.batch_wait_ms / 1000, args.max_batch_requests)
@@ -1019,11 +1021,17 @@ class Server:
         return {"prompt_token_ids": token_ids}, token_ids
 
     async def generate(self, prompts, params):
-        """Through the batcher; a worker-side error of this request alone becomes a 400."""
+        """Through the batcher; a worker-side error of this request alone becomes a 400, a dead worker a 503."""
+        if not self.workers.alive():
+            raise APIError("A vLLM worker process died; the server is exiting for its supervisor to restart it.",
+                           status=503)
         try:
             results = await self.batcher.generate(prompts, params)
-        except WorkerError as exc:
-            raise APIError(str(exc), status=500) from None
+        except (WorkerError, OSError) as exc:  # a dead worker's pipe breaks (OSError) or closes (WorkerError)
+            deadline = time.monotonic() + WORKER_POLL_S  # the pipe closes a moment before the exit is seen
+            while self.workers.alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            raise APIError(str(exc) or type(exc).__name__, status=500 if self.workers.alive() else 503) from None
         for result in results:
             if "error" in result:
                 raise APIError(result["error"])
@@ -1555,13 +1563,44 @@ class Guard:
         await self.app(scope, capped_receive, send)
 
 
+def engine_processes(workers):
+    """The processes under the workers: in vLLM's multiprocess layout, each worker's engine core and its
+    model workers. They are reparented, not stopped, when a worker is killed."""
+    import psutil
+
+    found = []
+    for process in workers.processes:
+        with contextlib.suppress(psutil.Error):
+            found += psutil.Process(process.pid).children(recursive=True)
+    return found
+
+
+def stop_processes(processes, timeout=ORPHAN_STOP_TIMEOUT_S):
+    """SIGTERM, wait, SIGKILL what is left; processes already gone are skipped (psutil checks PID reuse)."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
 async def watch_workers(server: Server, uvicorn_server):
-    """A dead worker: fail fast (its requests already error out), answer 503, then exit non-zero."""
-    while server.workers.alive():
+    """A dead worker: its requests error out at once (503), /health answers 503, the engine processes it
+    left behind are stopped (they would hold the accelerator's memory), then exit non-zero."""
+    while True:
+        found = await asyncio.to_thread(engine_processes, server.workers)
+        if not server.workers.alive():  # a worker that died while we looked may have lost its children already
+            break
+        server.engine_processes = found
         await asyncio.sleep(WORKER_POLL_S)
     logger.error("a vLLM worker died; exiting with status 1 in %.0f s so a supervisor restarts the server",
                  WORKER_DEATH_GRACE_S)
     server.exit_code = 1
+    await asyncio.to_thread(stop_processes, server.engine_processes)
     await asyncio.sleep(WORKER_DEATH_GRACE_S)
     uvicorn_server.should_exit = True
 
@@ -1621,6 +1660,7 @@ def main(argv=None):
     server = Server(args)
     try:
         server.workers.start()
+        server.engine_processes = engine_processes(server.workers)
         logger.info("%d vLLM worker(s) ready: %s", args.data_parallel_size, server.workers.info)
         exit_code = serve(server)
     except WorkerError as exc:
@@ -1628,6 +1668,7 @@ def main(argv=None):
         sys.exit(1)
     finally:
         server.workers.stop()
+        stop_processes(server.engine_processes)  # what a killed or hung worker left behind
     sys.exit(exit_code)
 
 
