@@ -77,6 +77,7 @@ JSON_THREAD_BYTES = 1 << 20  # bodies above this are parsed in a thread (~10 ms 
 WORKER_DEATH_GRACE_S = 3.0  # after a worker dies: answer 503 this long, then exit non-zero for a supervisor
 SHUTDOWN_TIMEOUT_S = 60.0  # on SIGTERM, how long in-flight requests may take to finish
 ORPHAN_STOP_TIMEOUT_S = 5.0  # SIGTERM → SIGKILL for engine processes a dead worker left behind
+WORKER_STOP_TIMEOUT_S = 10.0  # at shutdown, a worker still generating (for nobody) is terminated after this
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM workers import the extension class by this name
 
 # ------------------------------------------------------------------------------------------------
@@ -928,6 +929,7 @@ class Server:
                 enable_auto_tools=args.enable_auto_tool_choice, model_name=args.model, tokenizer=self.tokenizer)
         self.exit_code = 0  # 1 once a worker died
         self.engine_processes = []  # the processes under the workers, as last seen (see watch_workers)
+        self.uvicorn_server = None  # set by serve(); its should_exit says a shutdown is under way
         self.communicator = False  # whether a trainer opened a weight-sync group (checked before updates)
         self.workers = Workers(args)
         self.batcher = Batcher(self.workers, args.batch_wait_ms / 1000, args.max_batch_requests)
@@ -1032,6 +1034,11 @@ class Server:
             while self.workers.alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             raise APIError(str(exc) or type(exc).__name__, status=500 if self.workers.alive() else 503) from None
+        except asyncio.CancelledError:  # uvicorn cancels what outlives --shutdown_timeout: say so, in JSON
+            if self.uvicorn_server is None or not self.uvicorn_server.should_exit:
+                raise
+            raise APIError(f"The server shut down before this request finished (--shutdown_timeout "
+                           f"{self.args.shutdown_timeout:g} s); send it again.", status=503) from None
         for result in results:
             if "error" in result:
                 raise APIError(result["error"])
@@ -1588,6 +1595,14 @@ def stop_processes(processes, timeout=ORPHAN_STOP_TIMEOUT_S):
             process.kill()
 
 
+def stop_workers(server: Server):
+    """Engine processes first: a worker leaves its `LLM` to exit-time cleanup, and its process, exiting,
+    waits for its (non-daemon) engine core, which that cleanup would have stopped: a stall of
+    WORKER_STOP_TIMEOUT_S per worker in vLLM's multiprocess layout otherwise."""
+    stop_processes(server.engine_processes)
+    server.workers.stop(WORKER_STOP_TIMEOUT_S)
+
+
 async def watch_workers(server: Server, uvicorn_server):
     """A dead worker: its requests error out at once (503), /health answers 503, the engine processes it
     left behind are stopped (they would hold the accelerator's memory), then exit non-zero."""
@@ -1617,6 +1632,9 @@ def build_app(server: Server):
         yield
         for task in tasks:
             task.cancel()
+        # Stop the workers now, not after uvicorn returns: asyncio.run() then waits for every pipe thread,
+        # and one may be waiting on a worker still generating for requests cut off at --shutdown_timeout.
+        await asyncio.to_thread(stop_workers, server)
 
     return Starlette(routes=routes, lifespan=contextlib.asynccontextmanager(lifespan),
                      middleware=[Middleware(Guard, api_key=server.args.api_key,
@@ -1643,9 +1661,9 @@ def serve(server: Server):
         logger.warning("Listening on %s without --api-key: anyone who can reach port %d can generate and "
                        "overwrite the model weights.", args.host, args.port)
     app = build_app(server)
-    app.state.uvicorn_server = uvicorn.Server(uvicorn.Config(
+    server.uvicorn_server = app.state.uvicorn_server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout))
-    app.state.uvicorn_server.run()
+    server.uvicorn_server.run()
     return server.exit_code
 
 
