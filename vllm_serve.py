@@ -79,8 +79,12 @@ WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails th
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of the batched weight update (client may choose)
 LEGACY_LOGPROB_TOP_K = 100  # /get_sequence_logprobs/ default top_logprobs, as TRL
 MAX_REQUEST_BODY_BYTES = 256 << 20  # 413 above this; generous enough for a few base64 images per request
+MAX_JSON_DEPTH = 64  # nesting levels a body may have; real requests, tool schemas included, stay under 20
+JSON_THREAD_BYTES = 1 << 20  # bodies above this are parsed in a thread (~10 ms of json.loads per MiB)
 WORKER_DEATH_GRACE_S = 3.0  # after a worker dies: answer 503 this long, then exit non-zero for a supervisor
 SHUTDOWN_TIMEOUT_S = 60.0  # on SIGTERM, how long in-flight requests may take to finish
+ORPHAN_STOP_TIMEOUT_S = 5.0  # SIGTERM → SIGKILL for engine processes a dead worker left behind
+WORKER_STOP_TIMEOUT_S = 10.0  # at shutdown, a worker still generating (for nobody) is terminated after this
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM workers import the extension class by this name
 
 # ------------------------------------------------------------------------------------------------
@@ -211,6 +215,11 @@ class APIError(Exception):
         return JSONResponse({"error": body}, status_code=self.status)
 
 
+def is_int(x):
+    """A JSON integer; Python's bool is an int subclass, JSON's true is not."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def finite(x):
     """Logprob for JSON: NaN → null; -inf → -9999.0 as stock vLLM (JSON has no infinities)."""
     if x is None or math.isnan(x):
@@ -225,19 +234,50 @@ def token_text(token_id, decoded, as_token_id, tokenizer):
 
 
 async def read_json(request):
-    cap, chunks, size = request.app.state.server.args.max_request_body_bytes, [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked body has no Content-Length
-        size += len(chunk)
-        if size > cap:
-            raise APIError(f"Request body larger than {cap} bytes (--max-request-body-bytes).", status=413)
-        chunks.append(chunk)
+    """The body as a JSON object, else 400. Its size is capped by `Guard`, chunked bodies included."""
+    from starlette.requests import ClientDisconnect
+
     try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(f"Malformed JSON body: {exc}") from None
+        raw = await request.body()
+    except ClientDisconnect:  # nobody is left to read the answer; say why in the access log
+        raise APIError("The client disconnected before sending the whole body.") from None
+    if len(raw) > JSON_THREAD_BYTES:  # parsing a big body takes a while: keep the event loop free meanwhile
+        return await asyncio.to_thread(parse_json, raw)
+    return parse_json(raw)
+
+
+def parse_json(raw):
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise APIError(f"Malformed JSON body: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object.")
+    check_json(body)
     return body
+
+
+def check_json(value):
+    """400 for what `json.loads` accepts but nothing downstream should see: nesting deeper than
+    MAX_JSON_DEPTH (recursion in pydantic, Jinja, or the pickling to the workers) and lone UTF-16
+    surrogates such as "\\ud800" (no tokenizer encodes them)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError("The body holds a string that is not valid Unicode (a lone surrogate).") from None
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"The body is nested deeper than {MAX_JSON_DEPTH} levels.")
+        children = item if isinstance(item, list) else [*item.keys(), *item.values()]
+        stack.extend([(c, depth + 1) for c in children if type(c) in JSON_TEXT_OR_NESTED])  # 25 ns per number
+
+
+JSON_TEXT_OR_NESTED = {str, list, dict}  # what json.loads builds that check_json must look into
 
 
 def validate(model_cls, body):
@@ -276,12 +316,16 @@ def normalize_messages(messages):
     """
     conversation, images = [], []
     for message in messages:
+        if not isinstance(message, dict):
+            raise APIError("Each message must be an object.", param="messages")
         message = dict(message)
         content = message.get("content")
         if isinstance(content, list):
             parts, texts = [], []
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and not isinstance(part.get("text"), str):
+                    raise APIError("A text content part needs a string `text`.", param="messages")
                 if kind == "text":
                     texts.append(part["text"])
                     parts.append({"type": "text", "text": part["text"]})
@@ -292,7 +336,11 @@ def normalize_messages(messages):
                 else:
                     raise APIError(f"Unsupported content part type: {kind!r}", param="messages")
             message["content"] = parts if len(parts) != len(texts) else "\n".join(texts)
-        for call in message.get("tool_calls") or []:
+        calls = message.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function", {}), dict)
+                                                  for c in calls):
+            raise APIError("`tool_calls` must be a list of {id, type, function: {name, arguments}}.", param="messages")
+        for call in calls:
             function = call.get("function", {})
             if isinstance(function.get("arguments"), str):
                 try:
@@ -968,6 +1016,8 @@ class Server:
                 tool_parser_name=args.tool_call_parser, reasoning_parser_name=args.reasoning_parser,
                 enable_auto_tools=args.enable_auto_tool_choice, model_name=args.model, tokenizer=self.tokenizer)
         self.exit_code = 0  # 1 once a worker died
+        self.engine_processes = []  # the processes under the workers, as last seen (see watch_workers)
+        self.uvicorn_server = None  # set by serve(); its should_exit says a shutdown is under way
         self.communicator = False  # whether a trainer opened a weight-sync group (checked before updates)
         self.workers = Workers(args)
         self.batcher = Batcher(self.workers, args.batch_wait_ms / 1000, args.max_batch_requests,
@@ -1017,10 +1067,10 @@ class Server:
 
     def check_prompt(self, token_ids, max_tokens, param="prompt"):
         """→ max_tokens to use (default: what fits). 400 for empty, too long, or out-of-vocab prompts."""
-        if not token_ids:
-            raise APIError("The prompt is empty.", param=param)
+        if not isinstance(token_ids, list) or not token_ids:
+            raise APIError("The prompt must be a non-empty list of token ids.", param=param)
         vocab = self.workers.info["vocab_size"]
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= vocab for t in token_ids):
+        if any(not is_int(t) or t < 0 or t >= vocab for t in token_ids):
             raise APIError(f"Prompt token ids must be integers in [0, {vocab}).", param=param)
         room = self.max_model_len - len(token_ids)
         if max_tokens is None:
@@ -1062,11 +1112,22 @@ class Server:
         return {"prompt_token_ids": token_ids}, token_ids
 
     async def generate(self, prompts, params):
-        """Through the batcher; a worker-side error of this request alone becomes a 400."""
+        """Through the batcher; a worker-side error of this request alone becomes a 400, a dead worker a 503."""
+        if not self.workers.alive():
+            raise APIError("A vLLM worker process died; the server is exiting for its supervisor to restart it.",
+                           status=503)
         try:
             results = await self.batcher.generate(prompts, params)
-        except WorkerError as exc:
-            raise APIError(str(exc), status=500) from None
+        except (WorkerError, OSError) as exc:  # a dead worker's pipe breaks (OSError) or closes (WorkerError)
+            deadline = time.monotonic() + WORKER_POLL_S  # the pipe closes a moment before the exit is seen
+            while self.workers.alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            raise APIError(str(exc) or type(exc).__name__, status=500 if self.workers.alive() else 503) from None
+        except asyncio.CancelledError:  # uvicorn cancels what outlives --shutdown_timeout: say so, in JSON
+            if self.uvicorn_server is None or not self.uvicorn_server.should_exit:
+                raise
+            raise APIError(f"The server shut down before this request finished (--shutdown_timeout "
+                           f"{self.args.shutdown_timeout:g} s); send it again.", status=503) from None
         for result in results:
             if "error" in result:
                 raise APIError(result["error"])
@@ -1114,7 +1175,7 @@ def completion_prompts(server, prompt):
     if not isinstance(prompt, list) or not prompt:
         raise APIError("prompt must be a non-empty string, list of strings, or (list of) token-id lists.",
                        param="prompt")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if all(is_int(t) for t in prompt):
         prompt = [prompt]
     out = []
     for p in prompt:
@@ -1300,17 +1361,19 @@ def legacy_sampling_params(server, body, max_tokens_room):
     if not isinstance(extra, dict):
         raise APIError("generation_kwargs must be an object.", param="generation_kwargs")
     kwargs.update(extra)
-    if isinstance(kwargs.get("structured_outputs"), dict):
-        kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
-    if body.get("structured_outputs_regex"):
-        kwargs["structured_outputs"] = StructuredOutputsParams(regex=body["structured_outputs_regex"])
     if kwargs["top_k"] == 0:
         kwargs["top_k"] = -1
-    server.check_logprobs(kwargs.get("logprobs"))
     if isinstance(kwargs["max_tokens"], int) and kwargs["max_tokens"] > max_tokens_room:
         raise APIError(f"max_tokens={kwargs['max_tokens']} does not fit in max_model_len.", param="max_tokens")
     try:
+        server.check_logprobs(kwargs.get("logprobs"))
+        if isinstance(kwargs.get("structured_outputs"), dict):
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+        if body.get("structured_outputs_regex"):
+            kwargs["structured_outputs"] = StructuredOutputsParams(regex=body["structured_outputs_regex"])
         return SamplingParams(**kwargs)
+    except APIError:
+        raise
     except Exception as exc:  # SamplingParams' own validation (VLLMValidationError, ValueError, TypeError)
         raise APIError(str(exc), param=getattr(exc, "parameter", None)) from None
 
@@ -1340,8 +1403,8 @@ async def legacy_generate(request):
     body = await read_json(request)
     prompts = legacy_list(body, "prompts")
     images = legacy_list(body, "images", required=False) or [None] * len(prompts)
-    if len(images) != len(prompts):
-        raise APIError("`images` must have one entry per prompt.", param="images")
+    if len(images) != len(prompts) or not all(i is None or isinstance(i, list) for i in images):
+        raise APIError("`images` must have one entry per prompt: null or a list of base64 strings.", param="images")
     engine_prompts, shortest_room = [], server.max_model_len
     for prompt, image_list in zip(prompts, images):
         if isinstance(prompt, str):
@@ -1396,16 +1459,20 @@ async def legacy_sequence_logprobs(request):
     fmt = body.get("response_format", "json")
     if len(sequences) != len(prompt_lengths):
         raise APIError("`sequences` and `prompt_lengths` must have the same length.", param="prompt_lengths")
-    if not isinstance(top_k, int) or top_k < 1 or not isinstance(temperature, (int, float)) or temperature <= 0:
+    if not is_int(top_k) or top_k < 1 or not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+            or not temperature > 0:
         raise APIError("top_logprobs must be an int >= 1 and temperature > 0.", param="top_logprobs")
     if fmt not in ("json", "binary"):
         raise APIError("response_format must be 'json' or 'binary'.", param="response_format")
     for seq, plen in zip(sequences, prompt_lengths):
         server.check_prompt(seq, 1, param="sequences")
-        if not isinstance(plen, int) or not 0 <= plen <= len(seq):
+        if not is_int(plen) or not 0 <= plen <= len(seq):
             raise APIError("Each prompt_length must be in [0, len(sequence)].", param="prompt_lengths")
     server.check_logprobs(top_k)
-    sp = SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=top_k)
+    try:
+        sp = SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=top_k)
+    except Exception as exc:  # e.g. an infinite temperature
+        raise APIError(str(exc), param=getattr(exc, "parameter", None)) from None
     results = await server.generate([{"prompt_token_ids": s} for s in sequences], [sp] * len(sequences))
     logprobs, token_ids, actual_lp, actual_ids = [], [], [], []
     for seq, plen, result in zip(sequences, prompt_lengths, results):
@@ -1453,8 +1520,7 @@ def param_meta(server, body):
         raise APIError("`name` must be a non-empty string.", param="name")
     if not isinstance(dtype, str) or dtype.split(".")[-1] not in TORCH_DTYPES:
         raise APIError(f"Unsupported dtype {dtype!r}; one of {sorted(TORCH_DTYPES)}.", param="dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise APIError("`shape` must be a list of non-negative integers.", param="shape")
     known = server.checkpoint_shapes
     if known is not None:
@@ -1472,8 +1538,10 @@ async def init_communicator(request):
     server = state(request)
     body = await read_json(request)
     host, port = body.get("host"), body.get("port")
-    if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
-        raise APIError("`host` (string) and `port` (1-65535) are required.", param="port")
+    if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isprintable() or " " in host:
+        raise APIError("`host` must be a host name or an IP address.", param="host")
+    if not is_int(port) or not 0 < port < 65536:
+        raise APIError("`port` must be an integer in 1-65535.", param="port")
     world_size = server.args.tensor_parallel_size * server.args.data_parallel_size + 1
     # Close a stale group (a trainer that died without closing, TRL #3408) before answering: its TCP store
     # still listens on the port, and a trainer joining it would lose the connection when it closes.
@@ -1499,7 +1567,7 @@ async def update_named_params(request):
     body = await read_json(request)
     metas = [param_meta(server, p) for p in legacy_list(body, "params")]
     bucket_bytes = body.get("bucket_bytes", WEIGHT_BUCKET_BYTES)
-    if not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+    if not is_int(bucket_bytes) or bucket_bytes < 1:
         raise APIError("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
     server.check_communicator()
     await server.batcher.hold()
@@ -1565,33 +1633,85 @@ async def internal_error(request, exc):
 
 
 class Guard:
-    """ASGI middleware: bearer-token auth (all routes but /health) and the declared body-size cap."""
+    """ASGI middleware: bearer-token auth (every route but /health), then the body-size cap, checked on
+    the declared Content-Length before anything is read and on the bytes as they arrive (a chunked
+    body declares none): reading past the cap raises a 413 in the handler that reads."""
 
     def __init__(self, app, api_key, max_body):
         self.app, self.max_body = app, max_body
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            error = None
-            if self.expected and scope["path"].rstrip("/") != "/health" and \
-                    not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-                error = APIError("Invalid or missing API key (Authorization: Bearer <key>).", status=401)
-            elif int(headers.get(b"content-length", b"0") or 0) > self.max_body:
-                error = APIError(f"Request body larger than {self.max_body} bytes.", status=413)
-            if error:
-                return await error.response()(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        too_large = APIError(f"Request body larger than {self.max_body} bytes (--max-request-body-bytes).", status=413)
+        if self.expected and scope["path"].rstrip("/") != "/health" and \
+                not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            error = APIError("Invalid or missing API key (Authorization: Bearer <key>).", status=401)
+            return await error.response()(scope, receive, send)
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return await too_large.response()(scope, receive, send)
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise too_large
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+def engine_processes(workers):
+    """The processes under the workers: in vLLM's multiprocess layout, each worker's engine core and its
+    model workers. They are reparented, not stopped, when a worker is killed."""
+    import psutil
+
+    found = []
+    for process in workers.processes:
+        with contextlib.suppress(psutil.Error):
+            found += psutil.Process(process.pid).children(recursive=True)
+    return found
+
+
+def stop_processes(processes, timeout=ORPHAN_STOP_TIMEOUT_S):
+    """SIGTERM, wait, SIGKILL what is left; processes already gone are skipped (psutil checks PID reuse)."""
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def stop_workers(server: Server):
+    """Engine processes first: a worker leaves its `LLM` to exit-time cleanup, and its process, exiting,
+    waits for its (non-daemon) engine core, which that cleanup would have stopped: a stall of
+    WORKER_STOP_TIMEOUT_S per worker in vLLM's multiprocess layout otherwise."""
+    stop_processes(server.engine_processes)
+    server.workers.stop(WORKER_STOP_TIMEOUT_S)
 
 
 async def watch_workers(server: Server, uvicorn_server):
-    """A dead worker: fail fast (its requests already error out), answer 503, then exit non-zero."""
-    while server.workers.alive():
+    """A dead worker: its requests error out at once (503), /health answers 503, the engine processes it
+    left behind are stopped (they would hold the accelerator's memory), then exit non-zero."""
+    while True:
+        found = await asyncio.to_thread(engine_processes, server.workers)
+        if not server.workers.alive():  # a worker that died while we looked may have lost its children already
+            break
+        server.engine_processes = found
         await asyncio.sleep(WORKER_POLL_S)
     logger.error("a vLLM worker died; exiting with status 1 in %.0f s so a supervisor restarts the server",
                  WORKER_DEATH_GRACE_S)
     server.exit_code = 1
+    await asyncio.to_thread(stop_processes, server.engine_processes)
     await asyncio.sleep(WORKER_DEATH_GRACE_S)
     uvicorn_server.should_exit = True
 
@@ -1608,6 +1728,9 @@ def build_app(server: Server):
         yield
         for task in tasks:
             task.cancel()
+        # Stop the workers now, not after uvicorn returns: asyncio.run() then waits for every pipe thread,
+        # and one may be waiting on a worker still generating for requests cut off at --shutdown_timeout.
+        await asyncio.to_thread(stop_workers, server)
 
     return Starlette(routes=routes, lifespan=contextlib.asynccontextmanager(lifespan),
                      middleware=[Middleware(Guard, api_key=server.args.api_key,
@@ -1615,16 +1738,28 @@ def build_app(server: Server):
                      exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error})
 
 
+def exposed_without_key(host, api_key):
+    """Whether anyone beyond this machine could generate and overwrite the weights."""
+    import ipaddress
+
+    if api_key or host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "" (every interface): assume it is reachable
+        return True
+
+
 def serve(server: Server):
     """uvicorn with a graceful-shutdown bound; → the process exit code."""
     args = server.args
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if exposed_without_key(args.host, args.api_key):
         logger.warning("Listening on %s without --api-key: anyone who can reach port %d can generate and "
                        "overwrite the model weights.", args.host, args.port)
     app = build_app(server)
-    app.state.uvicorn_server = uvicorn.Server(uvicorn.Config(
+    server.uvicorn_server = app.state.uvicorn_server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout))
-    app.state.uvicorn_server.run()
+    server.uvicorn_server.run()
     return server.exit_code
 
 
@@ -1635,9 +1770,11 @@ def main(argv=None):
     # SIGTERM unwinds main() so the workers are always stopped; uvicorn re-raises it after its own
     # graceful shutdown, which then ends here as a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    args.api_key = args.api_key or os.environ.get("VLLM_API_KEY")  # a --config `env:` exports it after import
     server = Server(args)
     try:
         server.workers.start()
+        server.engine_processes = engine_processes(server.workers)
         logger.info("%d vLLM worker(s) ready: %s", args.data_parallel_size, server.workers.info)
         exit_code = serve(server)
     except WorkerError as exc:
@@ -1645,6 +1782,7 @@ def main(argv=None):
         sys.exit(1)
     finally:
         server.workers.stop()
+        stop_processes(server.engine_processes)  # what a killed or hung worker left behind
     sys.exit(exit_code)
 
 
