@@ -24,14 +24,15 @@ workers run on CUDA, gloo over a TCP store when they run on CPU. `/update_named_
 many tensors at once; the client broadcasts them packed in buckets (one broadcast per bucket).
 
 Batching
-    Continuous: each worker steps its engine without pause; in rounds (one pipe exchange under the
-    lock) the parent hands every rank the requests that arrived since the last round and collects
-    what finished, so new requests join running generations within ROUND_WAIT_MS. A weight update
-    waits until the running requests finish; requests that arrive meanwhile run on the new weights.
+    Continuous: vLLM's engines step without pause; in rounds (one pipe exchange under the lock) the
+    parent hands every rank the requests that arrived since the last round and collects what
+    finished, so new requests reach the engine within ROUND_WAIT_MS. A weight update waits until the
+    running requests finish; requests that arrive meanwhile run on the new weights.
 
 Limits
-    `stream: true` sends the finished result as OpenAI chunks (no token-by-token streaming). Data-parallel ranks are independent
-    replicas (dense models); no tensor parallelism across DP ranks beyond `--tensor_parallel_size`.
+    `stream: true` sends the finished result as OpenAI chunks (no token-by-token streaming). A client
+    that disconnects does not abort its generation. Data-parallel ranks are independent replicas
+    (dense models); no tensor parallelism across DP ranks beyond `--tensor_parallel_size`.
 """
 
 import argparse
