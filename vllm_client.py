@@ -22,6 +22,7 @@ transformers are imported by the methods that need them.
 
 import atexit
 import base64
+import contextlib
 import copy
 import datetime
 import io
@@ -248,6 +249,13 @@ class VLLMClient:
         else:
             self.communicator.broadcast(tensor.to(self._device), src=self.rank)
             self.communicator.group.barrier()
+
+    @contextlib.contextmanager
+    def weight_update(self):
+        """Newer TRL's spelling of one sync step: push weights inside the block; on a clean exit the
+        prefix cache is reset, so no cached KV of the old weights is reused."""
+        yield self
+        self.reset_prefix_cache()
 
     def update_named_param(self, name, weights):
         """Legacy path: announce one tensor, then broadcast it."""

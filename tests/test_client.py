@@ -410,3 +410,10 @@ def test_update_model_params_one_tensor_at_a_time(weights_client, models, greedy
     push(weights_client, models["seed0"])
     push(weights_client, models["seed1"], batched=False)  # TRL's legacy path: one HTTP call + broadcast each
     assert greedy(weights_client) == greedy_refs["seed1"]
+
+
+def test_weight_update_block_pushes_and_resets(weights_client, models, greedy_refs):
+    push(weights_client, models["seed0"])
+    with weights_client.weight_update() as client:  # newer TRL's context manager
+        client.update_named_params(load_weights(models["seed1"]).items())
+    assert greedy(weights_client) == greedy_refs["seed1"]
