@@ -134,8 +134,8 @@ class ServeArgs:
     round_wait_ms: float = arg(ROUND_WAIT_MS, "Longest a busy rank runs before taking new requests, in ms.")
     weight_sync_timeout: float = arg(WEIGHT_SYNC_TIMEOUT_S, "Seconds a weight-sync broadcast may wait.")
     worker_start_timeout: float = arg(WORKER_START_TIMEOUT_S, "Seconds to wait for the workers to load.")
-    api_key: str | None = arg(os.environ.get("VLLM_API_KEY"), "Require `Authorization: Bearer <key>` on every "
-                              "route but /health (default: $VLLM_API_KEY).", str)
+    api_key: str | None = arg(None, "Require `Authorization: Bearer <key>` on every route but /health "
+                              "(default: $VLLM_API_KEY).", str)
     max_request_body_bytes: int = arg(MAX_REQUEST_BODY_BYTES, "Larger request bodies get 413.")
     shutdown_timeout: float = arg(SHUTDOWN_TIMEOUT_S, "On SIGTERM, seconds in-flight requests may take.")
 
@@ -146,6 +146,7 @@ class ServeArgs:
             raise ValueError("--data_parallel_size and --tensor_parallel_size must be >= 1")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        self.api_key = self.api_key or os.environ.get("VLLM_API_KEY")  # read after --config's `env:` is exported
         if self.chat_template and os.path.isfile(self.chat_template):
             self.chat_template = pathlib.Path(self.chat_template).read_text()
 
@@ -827,7 +828,7 @@ class Workers:
     def alive(self):
         return all(p.is_alive() for p in self.processes)
 
-    def stop(self, timeout=30.0):
+    def stop(self, timeout):
         for conn in self.conns:
             try:
                 conn.send(("shutdown", (), {}))
@@ -1693,11 +1694,10 @@ def stop_processes(processes, timeout=ORPHAN_STOP_TIMEOUT_S):
 
 
 def stop_workers(server: Server):
-    """Engine processes first: a worker leaves its `LLM` to exit-time cleanup, and its process, exiting,
-    waits for its (non-daemon) engine core, which that cleanup would have stopped: a stall of
-    WORKER_STOP_TIMEOUT_S per worker in vLLM's multiprocess layout otherwise."""
-    stop_processes(server.engine_processes)
+    """Ask every worker to shut its engine down and exit, then stop whatever a killed or hung worker
+    left behind (vLLM's EngineCore and model workers are reparented, not stopped, when it dies)."""
     server.workers.stop(WORKER_STOP_TIMEOUT_S)
+    stop_processes(server.engine_processes)
 
 
 async def watch_workers(server: Server, uvicorn_server):
@@ -1771,7 +1771,6 @@ def main(argv=None):
     # SIGTERM unwinds main() so the workers are always stopped; uvicorn re-raises it after its own
     # graceful shutdown, which then ends here as a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    args.api_key = args.api_key or os.environ.get("VLLM_API_KEY")  # a --config `env:` exports it after import
     server = Server(args)
     try:
         server.workers.start()
@@ -1782,8 +1781,7 @@ def main(argv=None):
         logger.error("%s", exc)
         sys.exit(1)
     finally:
-        server.workers.stop()
-        stop_processes(server.engine_processes)  # what a killed or hung worker left behind
+        stop_workers(server)  # a no-op after the lifespan stopped them
     sys.exit(exit_code)
 
 
