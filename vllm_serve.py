@@ -456,17 +456,14 @@ class WeightSyncWorkerExtension:
         return True
 
     def _broadcast(self, tensor):
+        """Receive the trainer's next broadcast into `tensor`."""
         if getattr(self, "weight_comm", None) is None:
             raise RuntimeError("No communicator: call /init_communicator first.")
-        try:
-            if self.device.type == "cuda":
-                self.weight_comm.broadcast(tensor, src=self.weight_client_rank)
-                self.weight_comm.group.barrier()
-            else:
-                self.weight_comm.broadcast(tensor, root=self.weight_client_rank).wait()
-        except Exception:
-            self.close_communicator()  # a timed-out group is unusable; a new init must start clean
-            raise
+        if self.device.type == "cuda":
+            self.weight_comm.broadcast(tensor, src=self.weight_client_rank)
+            self.weight_comm.group.barrier()
+        else:
+            self.weight_comm.broadcast(tensor, root=self.weight_client_rank).wait()
 
     def open_reload(self):
         """Open a reload: layers buffer the weights they receive and are re-processed (CPU: GEMM repacking,
@@ -502,24 +499,39 @@ class WeightSyncWorkerExtension:
         import torch
 
         weight = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=self.device)
-        self._broadcast(weight)
+        with self._closed_on_error():
+            self._broadcast(weight)
         self._load([(name, weight)])
         return True
 
     def update_named_params(self, metas, bucket_bytes):
-        """Batched path: tensors packed into uint8 buckets of about `bucket_bytes`, one broadcast each."""
+        """Batched path: tensors packed into uint8 buckets of about `bucket_bytes`, one broadcast each.
+        A fresh buffer per bucket: the reload keeps views of a layer's shards until the layer is complete,
+        and a layer may span two buckets."""
         import torch
 
-        for bucket in weight_buckets(metas, bucket_bytes):
-            buffer = torch.empty(sum(nbytes for *_, nbytes in bucket), dtype=torch.uint8, device=self.device)
-            self._broadcast(buffer)
-            named, offset = [], 0
-            for name, dtype, shape, nbytes in bucket:
-                view = buffer[offset:offset + nbytes].view(getattr(torch, dtype.split(".")[-1])).view(shape)
-                named.append((name, view))
-                offset += nbytes
-            self._load(named)
+        with self._closed_on_error():
+            for bucket in weight_buckets(metas, bucket_bytes):
+                buffer = torch.empty(sum(nbytes for *_, nbytes in bucket), dtype=torch.uint8, device=self.device)
+                self._broadcast(buffer)
+                named, offset = [], 0
+                for name, dtype, shape, nbytes in bucket:
+                    view = buffer[offset:offset + nbytes].view(getattr(torch, dtype.split(".")[-1])).view(shape)
+                    named.append((name, view))
+                    offset += nbytes
+                self._load(named)
         return self.close_reload()
+
+    @contextlib.contextmanager
+    def _closed_on_error(self):
+        """Close the group on any failure (a timed-out broadcast, a load that raised mid-sync): it is unusable,
+        the trainer's next broadcasts then fail at once instead of waiting for a receiver, and a new
+        /init_communicator starts clean."""
+        try:
+            yield
+        except Exception:
+            self.close_communicator()
+            raise
 
 
 def weight_buckets(metas, bucket_bytes):
@@ -726,6 +738,9 @@ class Workers:
         here = str(pathlib.Path(__file__).resolve().parent)
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        # torch's CPU allocator asks for transparent huge pages for tensors of 2 MiB and up: a fresh
+        # 256 MiB weight-sync bucket then costs 128 page faults instead of 65,536 (4x faster to fill).
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         for rank in range(self.args.data_parallel_size):
             parent_conn, child_conn = ctx.Pipe()
             with rank_env(rank, self.args):

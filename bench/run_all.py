@@ -360,6 +360,10 @@ def details(results):
                      f"in {sync['tensors']} tensors / {sync['buckets']} bucket(s) of {sync['bucket_bytes'] >> 20} MiB; "
                      f"per-param {sync['per_param_s']:.2f} s, batched {sync['batched_s']:.2f} s, "
                      f"raw gloo {sync['raw_s']:.2f} s; weights intact after sync: {sync['weights_intact']}")
+        if "cpu_s" in sync:
+            cpu = sync["cpu_s"]
+            lines.append(f"  - busy core-seconds of the whole machine ({sync['cpu_count']} cores): per-param "
+                         f"{cpu['per_param']:.1f}, batched {cpu['batched']:.1f}, raw gloo {cpu['raw']:.1f}")
     return "\n".join(lines)
 
 

@@ -6,9 +6,13 @@
 limit: a raw gloo broadcast of the same packed buckets between this process and a bare receiver
 process (`--receiver`), over the same transport (a two-process group made by vLLM's
 `stateless_init_torch_distributed_process_group`, as the client and the server's workers use).
-The sender packs each bucket exactly like the client (that cost is in every timing); the receiver
-only receives (no weight loading). A path is timed until the server has loaded the last tensor:
-its workers hold a lock until then, and `reset_prefix_cache` waits for that lock.
+The sender is the client's own bucket sender (same packing, same overlap of packing and sending);
+the receiver only receives, into a fresh buffer per bucket as the server's workers must, with the
+allocator setting the server gives its workers (THP_MEM_ALLOC_ENABLE=1); no weight loading.
+Each path also reports the core-seconds the machine spent (`cpu_s`): on a small CPU box the
+transfer alone keeps every core busy, so `cpu_s` says which work a path adds. A path is timed
+until the server has loaded the last tensor: its workers hold a lock until then, and
+`reset_prefix_cache` waits for that lock.
 
 The tensors pushed are the checkpoint's own, so the model is unchanged: greedy output before and
 after must match (`weights_intact`). Paths run interleaved, repeat by repeat, to share the noise.
@@ -49,14 +53,21 @@ def receiver(port, sizes, repeats):
     group.shutdown()
 
 
-def raw_push(group, buckets):
-    import torch
+def raw_push(group, buckets, buffers):
+    from vllm_client import _broadcast_buckets
 
     start = time.perf_counter()
-    for bucket in buckets:
-        group.broadcast(torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in bucket]), root=1).wait()
+    _broadcast_buckets(group, 1, buckets, buffers)  # the client's own sender, with its own kept buffers
     group.barrier().wait()  # the receiver has everything
     return time.perf_counter() - start
+
+
+def busy_cpu_s():
+    """Core-seconds the whole machine has spent busy (all processes, kernel included) so far."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
 
 
 def main():
@@ -98,19 +109,31 @@ def main():
         init_s = time.perf_counter() - start
 
         times = {"per_param": [], "batched": [], "raw": []}
-        for _ in range(args.repeats):
+        cpu = {path: [] for path in times}
+        raw_buffers = []
+
+        def timed(path, push):
+            cpu_start = busy_cpu_s()
+            times[path].append(push())
+            cpu[path].append(busy_cpu_s() - cpu_start)
+
+        def per_param():
             start = time.perf_counter()
             for name, tensor in named:
                 client.update_named_param(name, tensor)
             client.reset_prefix_cache()  # returns once the last tensor is loaded
-            times["per_param"].append(time.perf_counter() - start)
+            return time.perf_counter() - start
 
+        def batched():
             start = time.perf_counter()
             client.update_named_params(named, bucket_bytes=args.bucket_bytes)
             client.reset_prefix_cache()
-            times["batched"].append(time.perf_counter() - start)
+            return time.perf_counter() - start
 
-            times["raw"].append(raw_push(group, buckets))
+        for _ in range(args.repeats):
+            timed("per_param", per_param)
+            timed("batched", batched)
+            timed("raw", lambda: raw_push(group, buckets, raw_buffers))
         client.close_communicator()
         after = client.generate(**probe)["completion_ids"]
         client.close()
@@ -123,6 +146,7 @@ def main():
     result = {"params": sum(t.numel() for _, t in named), "tensors": len(named), "bytes": total_bytes,
               "buckets": len(buckets), "bucket_bytes": args.bucket_bytes, "init_communicator_s": init_s,
               "times_s": times, **{f"{k}_s": median(v) for k, v in times.items()},
+              "cpu_s": {k: median(v) for k, v in cpu.items()}, "cpu_count": os.cpu_count(),
               "weights_intact": before == after}
     result["gb_per_s"] = {k: total_bytes / 1e9 / result[f"{k}_s"] for k in times}
     text = json.dumps(result, indent=1)
@@ -133,4 +157,5 @@ def main():
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # the receiver's allocator, as the server's workers
     main()

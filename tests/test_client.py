@@ -225,6 +225,37 @@ def test_client_buckets_match_server_buckets():
         assert client == server
 
 
+def test_bucket_sender_packs_in_order_and_never_reuses_a_buffer_on_the_wire():
+    """The gloo sender packs bucket k+1 while bucket k is sent: a pure unit test with a recording group."""
+    import torch
+
+    import vllm_client
+
+    class Group:  # gloo's broadcast: returns at once, the tensor must stay intact until wait()
+        def __init__(self):
+            self.sent = []
+
+        def broadcast(self, tensor, root):
+            assert root == 3
+            posted, sent = tensor.clone(), self.sent
+
+            class Work:
+                def wait(self):
+                    assert torch.equal(tensor, posted), "buffer overwritten while its send was in flight"
+                    sent.append(posted)
+            return Work()
+
+    gen = torch.Generator().manual_seed(0)
+    named = [(f"t{i}", torch.randn(size, generator=gen).to(dtype)) for i, (size, dtype) in
+             enumerate(zip([300, 5, 1000, 4, 4096, 1000, 7], [torch.float32, torch.bfloat16, torch.float16] * 3))]
+    buffers = []
+    for bucket_bytes in (4000, 1, 1 << 20):  # several buckets; one tensor each; then one bucket bigger than before
+        group, buckets = Group(), vllm_client._buckets(named, bucket_bytes)
+        vllm_client._broadcast_buckets(group, 3, buckets, buffers)
+        expected = [torch.cat([t.view(-1).view(torch.uint8) for t in bucket]) for bucket in buckets]
+        assert len(group.sent) == len(expected) and all(torch.equal(a, b) for a, b in zip(group.sent, expected))
+        assert len(buffers) == 2  # kept across syncs, grown when a bucket outgrows them
+
 # --- same results from stock vLLM ----------------------------------------------------------------------
 
 
