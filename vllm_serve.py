@@ -30,9 +30,10 @@ Batching
     running requests finish; requests that arrive meanwhile run on the new weights.
 
 Limits
-    `stream: true` sends the finished result as OpenAI chunks (no token-by-token streaming). A client
-    that disconnects does not abort its generation. Data-parallel ranks are independent replicas
-    (dense models); no tensor parallelism across DP ranks beyond `--tensor_parallel_size`.
+    `stream: true` sends the finished result as OpenAI chunks (no token-by-token streaming), so a
+    stream is only sent once generated; a client that disconnects before its answer has its prompts
+    aborted in vLLM at the next round. Data-parallel ranks are independent replicas (dense models);
+    no tensor parallelism across DP ranks beyond `--tensor_parallel_size`.
 """
 
 import argparse
@@ -86,6 +87,7 @@ WORKER_DEATH_GRACE_S = 3.0  # after a worker dies: answer 503 this long, then ex
 SHUTDOWN_TIMEOUT_S = 60.0  # on SIGTERM, how long in-flight requests may take to finish
 ORPHAN_STOP_TIMEOUT_S = 5.0  # SIGTERM → SIGKILL for engine processes a dead worker left behind
 WORKER_STOP_TIMEOUT_S = 10.0  # at shutdown, a worker still generating (for nobody) is terminated after this
+CLIENT_CLOSED = 499  # status logged for a request whose client disconnected first (nginx's convention)
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM workers import the extension class by this name
 
 # ------------------------------------------------------------------------------------------------
@@ -204,8 +206,8 @@ def parse_args(argv=None):
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-             413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
+             499: "ClientClosedRequest", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, message, status=400, param=None):
         super().__init__(message)
@@ -612,10 +614,26 @@ class WorkerEngine:
             except Exception as exc:
                 self.finished.append((key, {"error": f"{type(exc).__name__}: {exc}"}))
 
+    def abort(self, keys):
+        """Stop the requests of clients that went away; vLLM frees their KV cache at its next step.
+        Each one aborted while running is confirmed to the parent as {"aborted": True}."""
+        if not keys:
+            return
+        keys = set(keys)
+        running = {request_id: key for request_id, key in self.running.items() if key in keys}
+        self.finished = [(key, result) for key, result in self.finished if key not in keys]
+        for request_id in running:
+            del self.running[request_id]
+        if running:
+            self.llm.llm_engine.abort_request(list(running))
+            self.finished += [(key, {"aborted": True}) for key in running.values()]
+
     def step(self):
         """One engine step; an engine failure fails the requests it was running, not the worker."""
         try:
             for out in self.llm.llm_engine.step():  # FINAL_ONLY outputs: each is a finished request
+                if out.request_id not in self.running:  # aborted after it finished in the engine
+                    continue
                 self.finished.append((self.running.pop(out.request_id), {
                     "prompt_token_ids": list(out.prompt_token_ids),
                     "prompt_logprobs": compact_logprobs(out.prompt_logprobs),
@@ -702,7 +720,8 @@ def worker_main(args: ServeArgs, dp_rank: int, conn):
             break
         try:
             if method == "generate":
-                requests, wait_s = a
+                requests, wait_s, aborts = a
+                engine.abort(aborts)
                 engine.add(requests)
                 reply_by = time.monotonic() + wait_s
                 continue
@@ -905,6 +924,7 @@ class Pending:
     future: asyncio.Future
     results: list = field(default_factory=list)  # one slot per prompt, filled as the ranks finish them
     left: int = 0  # prompts not finished yet
+    cancelled: bool = False  # its HTTP client went away: never admitted, or aborted in vLLM
 
 
 class Batcher:
@@ -922,6 +942,8 @@ class Batcher:
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.inflight = {}  # key → (Pending, prompt index, rank)
         self.load = {}  # rank → prompts running there
+        self.aborts = {}  # rank → keys of running prompts whose client went away, sent with the next round
+        self.aborted = 0  # prompts the workers confirmed aborted in vLLM
         self.keys = itertools.count()
         self.open = asyncio.Event()  # cleared while a weight sync holds new requests back
         self.open.set()
@@ -933,7 +955,20 @@ class Batcher:
         item = Pending(prompts, params, asyncio.get_running_loop().create_future(), [None] * len(prompts),
                        len(prompts))
         await self.queue.put(item)
-        return await item.future
+        try:
+            return await item.future
+        except asyncio.CancelledError:  # the client disconnected (or the server stops): free the engine
+            self.cancel(item)
+            raise
+
+    def cancel(self, item):
+        """Forget `item`: still queued → never admitted; running → aborted in vLLM at the next round."""
+        item.cancelled = True
+        for key, (other, _, rank) in list(self.inflight.items()):
+            if other is item:
+                del self.inflight[key]
+                self.load[rank] -= 1
+                self.aborts.setdefault(rank, []).append(key)
 
     async def hold(self, timeout_s=None):
         """Keep new requests queued and wait until the running ones finished: a weight update must not
@@ -970,7 +1005,7 @@ class Batcher:
         """Requests for the next round: none while a sync holds them back; when idle, block for the first
         and gather for `wait_s`; when busy, whatever queued meanwhile."""
         items = []
-        if not self.inflight:
+        if not self.inflight and not self.aborts:
             self.drained.set()
             items.append(await self.queue.get())
             deadline = time.monotonic() + self.wait_s
@@ -991,17 +1026,25 @@ class Batcher:
         ranks = range(len(self.workers.conns))
         new = {rank: [] for rank in ranks}
         for item in items:
+            if item.cancelled:
+                continue
             for index, (prompt, sp) in enumerate(zip(item.prompts, item.params)):
                 rank = min(ranks, key=lambda r: self.load.get(r, 0))
                 key = next(self.keys)
                 self.inflight[key] = (item, index, rank)
                 self.load[rank] = self.load.get(rank, 0) + 1
                 new[rank].append((key, prompt, sp))
-        messages = {rank: ("generate", (new[rank], self.round_s), {}) for rank in ranks
-                    if new[rank] or self.load.get(rank)}
+        aborts, self.aborts = self.aborts, {}
+        messages = {rank: ("generate", (new[rank], self.round_s, aborts.get(rank, [])), {}) for rank in ranks
+                    if new[rank] or self.load.get(rank) or aborts.get(rank)}
+        if not messages:
+            return
         replies = await self.workers.call_each(messages)
         for rank, finished in replies.items():
             for key, result in finished:
+                if key not in self.inflight:  # its client went away: aborted (confirmed) or finished meanwhile
+                    self.aborted += bool(result.get("aborted"))
+                    continue
                 item, index, rank = self.inflight.pop(key)
                 self.load[rank] -= 1
                 item.results[index] = result
@@ -1128,13 +1171,15 @@ class Server:
             return {"prompt": text, "multi_modal_data": {"image": images}}, token_ids
         return {"prompt_token_ids": token_ids}, token_ids
 
-    async def generate(self, prompts, params):
-        """Through the batcher; a worker-side error of this request alone becomes a 400, a dead worker a 503."""
+    async def generate(self, prompts, params, request):
+        """Through the batcher; a worker-side error of this request alone becomes a 400, a dead worker a 503.
+        A client that disconnects has its prompts aborted in vLLM: a trainer that timed out and resent must
+        not leave the engine generating for nobody."""
         if not self.workers.alive():
             raise APIError("A vLLM worker process died; the server is exiting for its supervisor to restart it.",
                            status=503)
         try:
-            results = await self.batcher.generate(prompts, params)
+            results = await until_disconnected(request, self.batcher.generate(prompts, params))
         except (WorkerError, OSError) as exc:  # a dead worker's pipe breaks (OSError) or closes (WorkerError)
             deadline = time.monotonic() + WORKER_POLL_S  # the pipe closes a moment before the exit is seen
             while self.workers.alive() and time.monotonic() < deadline:
@@ -1149,6 +1194,29 @@ class Server:
             if "error" in result:
                 raise APIError(result["error"])
         return results
+
+
+async def until_disconnected(request, work):
+    """Await `work`, cancelling it if the HTTP client disconnects first (→ 499, which nobody reads)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # the batcher's `generate` aborts the request's prompts
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise APIError("The client disconnected before the answer was ready; its generation was aborted.",
+                   status=CLIENT_CLOSED)
+
+
+async def wait_for_disconnect(request):
+    """Returns once the client is gone. Called after the body was read, so the only message left for
+    `receive` is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def usage(results):
@@ -1169,7 +1237,9 @@ def state(request) -> Server:
 async def health(request):
     if not state(request).workers.alive():
         raise APIError("A vLLM worker process is not running.", status=503)
-    return JSONResponse({"status": "ok"})
+    batcher = state(request).batcher  # prompts now in vLLM, and those aborted because their client went away
+    return JSONResponse({"status": "ok", "requests_running": len(batcher.inflight),
+                         "requests_aborted": batcher.aborted})
 
 
 async def get_world_size(request):
@@ -1218,7 +1288,7 @@ async def completions(request):
     prompt_ids = completion_prompts(server, req.prompt)
     params = [server.sampling_params(req, server.check_prompt(ids, req.max_tokens if req.max_tokens is not None
                                                               else 16)) for ids in prompt_ids]
-    results = await server.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params)
+    results = await server.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, request)
     return respond_completion(server, req, results, stream=req.stream)
 
 
@@ -1286,7 +1356,7 @@ async def chat_completions(request):
         req = parser.adjust_request(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     sp = server.sampling_params(req, server.check_prompt(prompt_ids, max_tokens, param="messages"))
-    (result,) = await server.generate([prompt], [sp])
+    (result,) = await server.generate([prompt], [sp], request)
     return respond_chat(server, req, result, parser)
 
 
@@ -1438,7 +1508,7 @@ async def legacy_generate(request):
             engine_prompt["multi_modal_data"] = {"image": [decode_image(f"data:image/png;base64,{b}") for b in image_list]}
         engine_prompts.append(engine_prompt)
     sp = legacy_sampling_params(server, body, shortest_room)
-    results = await server.generate(engine_prompts, [sp] * len(engine_prompts))
+    results = await server.generate(engine_prompts, [sp] * len(engine_prompts), request)
     return JSONResponse(legacy_response(results))
 
 
@@ -1460,7 +1530,7 @@ async def legacy_chat(request):
         shortest_room = min(shortest_room, server.max_model_len - len(ids))
         prompts.append(prompt)
     sp = legacy_sampling_params(server, body, shortest_room)
-    results = await server.generate(prompts, [sp] * len(prompts))
+    results = await server.generate(prompts, [sp] * len(prompts), request)
     return JSONResponse(legacy_response(results))
 
 
@@ -1490,7 +1560,7 @@ async def legacy_sequence_logprobs(request):
         sp = SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=top_k)
     except Exception as exc:  # e.g. an infinite temperature
         raise APIError(str(exc), param=getattr(exc, "parameter", None)) from None
-    results = await server.generate([{"prompt_token_ids": s} for s in sequences], [sp] * len(sequences))
+    results = await server.generate([{"prompt_token_ids": s} for s in sequences], [sp] * len(sequences), request)
     logprobs, token_ids, actual_lp, actual_ids = [], [], [], []
     for seq, plen, result in zip(sequences, prompt_lengths, results):
         positions = result["prompt_logprobs"] or []

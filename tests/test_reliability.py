@@ -564,6 +564,52 @@ def test_clients_that_disconnect_do_not_disturb_others(server, expected):
     assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]
 
 
+def health(server):
+    return requests.get(server.url + "/health", timeout=10).json()
+
+
+def wait_for_health(server, predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate(state := health(server)):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    return state
+
+
+def test_a_client_that_disconnects_has_its_generation_aborted(server, expected):
+    """A trainer that timed out (and will resend) must not leave vLLM generating for nobody: the prompts
+    of a request whose connection closed are aborted in the engine, the others are untouched."""
+    long_body = json.dumps({"prompt": PROMPTS * 8, "max_tokens": 400, "temperature": 0, "ignore_eos": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(long_body)}\r\n\r\n").encode()
+    before = wait_for_health(server, lambda h: h["requests_running"] == 0)["requests_aborted"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sock.sendall(head + long_body)
+            wait_for_health(server, lambda h: h["requests_running"] == 24)  # 24 prompts x 400 tokens running
+            good = pool.submit(post, server, "/v1/completions", {  # shares the engine with them
+                "prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True})
+        # the connection is closed: every one of the 24 is confirmed aborted by the worker, none finished
+        state = wait_for_health(server, lambda h: h["requests_aborted"] >= before + 24 and h["requests_running"] == 0)
+        assert state["requests_aborted"] == before + 24, state
+        body = good.result(timeout=120).json()
+    assert [c["token_ids"] for c in body["choices"]] == expected["completions"], dump(body)
+    assert_exact(server, expected)
+
+
+def test_a_trainer_timeout_aborts_the_generation_it_gave_up_on(server, expected):
+    """VLLMClient's timeout closes the connection: the server aborts those prompts, and the trainer's
+    next request is answered exactly."""
+    before = wait_for_health(server, lambda h: h["requests_running"] == 0)["requests_aborted"]
+    with VLLMClient(base_url=server.url, api_key=API_KEY, connection_timeout=30, timeout=0.5) as client:
+        with pytest.raises(VLLMClientError, match="no answer within 0.5 s"):  # 24 x 4 x 480 tokens: seconds
+            client.generate(PROMPTS * 8, n=4, max_tokens=480,
+                            temperature=1.0, generation_kwargs={"ignore_eos": True})
+    wait_for_health(server, lambda h: h["requests_aborted"] == before + 24 and h["requests_running"] == 0)
+    assert_exact(server, expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # Load: every request answered once, with its own correct content; memory stable
 # ------------------------------------------------------------------------------------------------
