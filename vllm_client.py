@@ -452,15 +452,16 @@ def _broadcast_buckets(group, root, buckets, buffers):
     import torch
 
     sizes = [sum(t.numel() * t.element_size() for t in bucket) for bucket in buckets]
+    need = max(sizes, default=0)
     for i in range(min(2, len(buckets))):
         if i == len(buffers):
-            buffers.append(None)
-        if buffers[i] is None or buffers[i].numel() < max(sizes):
-            buffers[i] = torch.empty(max(sizes), dtype=torch.uint8)
+            buffers.append(torch.empty(need, dtype=torch.uint8))
+        elif buffers[i].numel() < need:
+            buffers[i] = torch.empty(need, dtype=torch.uint8)
     sending = None
     for k, (bucket, size) in enumerate(zip(buckets, sizes)):
         packed = buffers[k % 2][:size]  # its last send (bucket k-2) was waited for before bucket k-1's
-        torch.cat([t.detach().cpu().contiguous().view(-1).view(torch.uint8) for t in bucket], out=packed)
+        torch.cat([t.cpu().contiguous().view(-1).view(torch.uint8) for t in bucket], out=packed)
         if sending is not None:
             sending.wait()
         sending = group.broadcast(packed, root=root)

@@ -520,6 +520,13 @@ def raw_exchange(port, data, timeout=CASE_TIMEOUT_S):
 # Faults that leave the server running: clients that go away
 # ------------------------------------------------------------------------------------------------
 
+def request_bytes(body, path="/v1/completions", extra=b""):
+    """A raw HTTP/1.1 POST of `body` with the key, for clients that hang up at chosen points."""
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + extra + data
+
+
 def test_clients_that_disconnect_do_not_disturb_others(server, expected):
     long_body = {"prompt": PROMPTS * 8, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     offset = log_size(server)
@@ -527,11 +534,6 @@ def test_clients_that_disconnect_do_not_disturb_others(server, expected):
     def good(i):
         return post(server, "/v1/completions", {"prompt": PROMPTS[i % 3], "max_tokens": MAX_TOKENS, "temperature": 0,
                                                 "ignore_eos": True, "return_token_ids": True}).json()
-
-    def request_bytes(body, path="/v1/completions", extra=b""):
-        data = json.dumps(body).encode()
-        return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + extra + data
 
     def hang_up(data, read=0):
         """Send `data`, read `read` bytes of the answer (0: none), then close the connection."""
@@ -579,13 +581,11 @@ def wait_for_health(server, predicate, timeout=60):
 def test_a_client_that_disconnects_has_its_generation_aborted(server, expected):
     """A trainer that timed out (and will resend) must not leave vLLM generating for nobody: the prompts
     of a request whose connection closed are aborted in the engine, the others are untouched."""
-    long_body = json.dumps({"prompt": PROMPTS * 8, "max_tokens": 400, "temperature": 0, "ignore_eos": True}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(long_body)}\r\n\r\n").encode()
+    long_request = request_bytes({"prompt": PROMPTS * 8, "max_tokens": 400, "temperature": 0, "ignore_eos": True})
     before = wait_for_health(server, lambda h: h["requests_running"] == 0)["requests_aborted"]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-            sock.sendall(head + long_body)
+            sock.sendall(long_request)
             wait_for_health(server, lambda h: h["requests_running"] == 24)  # 24 prompts x 400 tokens running
             good = pool.submit(post, server, "/v1/completions", {  # shares the engine with them
                 "prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
