@@ -944,6 +944,7 @@ class Batcher:
         self.load = {}  # rank → prompts running there
         self.aborts = {}  # rank → keys of running prompts whose client went away, sent with the next round
         self.aborted = 0  # prompts the workers confirmed aborted in vLLM
+        self.finished = [0] * workers.args.data_parallel_size  # prompts each rank completed, since start
         self.keys = itertools.count()
         self.open = asyncio.Event()  # cleared while a weight sync holds new requests back
         self.open.set()
@@ -1047,6 +1048,7 @@ class Batcher:
                     continue
                 item, index, rank = self.inflight.pop(key)
                 self.load[rank] -= 1
+                self.finished[rank] += 1
                 item.results[index] = result
                 item.left -= 1
                 if item.left == 0 and not item.future.done():
@@ -1239,7 +1241,7 @@ async def health(request):
         raise APIError("A vLLM worker process is not running.", status=503)
     batcher = state(request).batcher  # prompts now in vLLM, and those aborted because their client went away
     return JSONResponse({"status": "ok", "requests_running": len(batcher.inflight),
-                         "requests_aborted": batcher.aborted})
+                         "requests_aborted": batcher.aborted, "requests_finished_per_rank": batcher.finished})
 
 
 async def get_world_size(request):

@@ -1,7 +1,7 @@
-"""Shared pieces of the benchmark: paths, environment, model cache, server processes, statistics.
+"""Shared pieces of the benchmark: paths, model cache, the engines it runs side by side, statistics.
 
-Servers are real subprocesses on loopback ports, started and stopped by the benchmark itself: health
-polling with a timeout, then SIGTERM by PID, a wait, and SIGKILL for whatever is left (children too).
+Servers are tests/support.py's `Server` (our `vllm_serve.py` or stock vLLM on a free loopback port,
+stopped by PID with whatever it left behind killed); `InProcess` is the in-process ceiling.
 """
 
 import json
@@ -9,8 +9,6 @@ import os
 import pathlib
 import select
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +18,15 @@ BENCH = ROOT / "bench"
 CACHE = BENCH / ".cache"
 RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # support.py and tiny_model.py: one copy, shared with the tests
 
-# Offline, quiet, loopback. VLLM_ENABLE_V1_MULTIPROCESSING is left at vLLM's default (on) for every
-# engine, ours, stock and in-process alike: the engine core in its own process is the production layout.
-ENV = dict(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-           VLLM_HOST_IP="127.0.0.1", TOKENIZERS_PARALLELISM="false")
-os.environ.update(ENV)
+import support  # noqa: E402  (sets vLLM's offline, loopback environment)
+
+# VLLM_ENABLE_V1_MULTIPROCESSING is left at vLLM's default (on) for every engine, ours, stock and
+# in-process alike: the engine core in its own process is the production layout.
 os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
 HEALTH_TIMEOUT_S = 900  # cold start of the biggest model on a loaded 2-core machine
-STOP_TIMEOUT_S = 60  # SIGTERM → exit of the process we started
-ORPHAN_TIMEOUT_S = 5  # then its descendants get this long before SIGKILL
 
 # Engine settings shared by every engine of a run. max_num_seqs / max_num_batched_tokens are pinned
 # because vLLM's CPU defaults differ between the LLM class (256 / 4096, what our workers and the
@@ -96,120 +91,24 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_tree(proc):
-    """The process's descendants now (orphans reparented to init are no longer found this way)."""
-    import psutil
-
-    try:
-        return psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def stop_process(proc, known=(), timeout=STOP_TIMEOUT_S):
-    """SIGTERM by PID, wait, SIGKILL on timeout; then wait for (and kill) every descendant, the ones
-    seen earlier (`known`) included: a parent that exits may leave them orphaned."""
-    import psutil
-
-    if proc is None:
-        return None
-    children = {c.pid: c for c in [*known, *process_tree(proc)]}.values()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    _, alive = psutil.wait_procs(list(children), timeout=ORPHAN_TIMEOUT_S)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return [c.pid for c in alive]
-
-
-class Server:
-    """Our `vllm_serve.py` or stock vLLM's OpenAI server, as a subprocess on a free loopback port."""
-
-    def __init__(self, kind, model, *, max_model_len, kv_bytes, dp=1, extra=(), name=None):
-        self.kind, self.model, self.dp = kind, model, dp
-        self.name = name or f"{kind}-dp{dp}"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        common = ["--host", "127.0.0.1", "--port", str(self.port)]
-        if kind == "ours":
-            self.args = [sys.executable, str(ROOT / "vllm_serve.py"), "--model", model, "--served_model_name", "tiny",
-                         *common, "--max_model_len", str(max_model_len), "--dtype", "float32", "--enforce_eager",
-                         "--kv_cache_memory_bytes", str(kv_bytes), "--max_num_seqs", str(MAX_NUM_SEQS),
-                         "--data_parallel_size", str(dp), "--log_level", "warning", *extra]
-        elif kind == "stock":
-            self.args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                         "--served-model-name", "tiny", *common, "--max-model-len", str(max_model_len),
-                         "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(kv_bytes),
-                         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
-                         "--max-logprobs", "-1", "--logprobs-mode", "processed_logprobs", "--seed", "0",
-                         "--disable-uvicorn-access-log", "--disable-log-stats", *extra]
-        else:
-            raise ValueError(kind)
-        self.proc = self.log_file = None
-        self.children, self.stop_s, self.left_behind = [], None, []
-
-    def launch(self):
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        self.log_path = RESULTS / f"{self.name}-{pathlib.Path(self.model).name}.log"
-        self.log_file = open(self.log_path, "w")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                                     env={**os.environ, **ENV})
-        return self
-
-    def wait_healthy(self, timeout=HEALTH_TIMEOUT_S):
-        import requests
-
-        deadline = self.started + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n"
-                                   f"{tail(self.log_path)}")
-            try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
-                    self.startup_s = time.monotonic() - self.started
-                    self.children = process_tree(self.proc)
-                    log(f"{self.name} on {pathlib.Path(self.model).name} healthy after {self.startup_s:.0f} s")
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"{self.name} not healthy after {timeout} s; see {self.log_path}")
-
-    def stop(self):
-        """Stop it; remember how long the SIGTERM took and which processes had to be killed."""
-        if self.proc is None or self.stop_s is not None:
-            return
-        start = time.monotonic()
-        self.left_behind = stop_process(self.proc, self.children)
-        self.stop_s = time.monotonic() - start
-        if self.left_behind:
-            log(f"{self.name}: killed {len(self.left_behind)} process(es) it left behind after SIGTERM")
-        if self.log_file:
-            self.log_file.close()
-            self.log_file = None
+def server(kind, model, *, max_model_len, kv_bytes, dp=1, extra=(), name=None):
+    """Our server ("ours") or stock vLLM ("stock") with this run's engine settings, not yet launched."""
+    args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+            "--kv-cache-memory-bytes", str(kv_bytes), "--max-num-seqs", str(MAX_NUM_SEQS)]
+    if kind == "ours":
+        args += ["--data_parallel_size", str(dp), "--log_level", "warning"]
+    else:
+        args += ["--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--disable-uvicorn-access-log",
+                 "--disable-log-stats"]
+    name = f"{name or f'{kind}-dp{dp}'}-{pathlib.Path(model).name}"
+    return support.Server(model, *args, *extra, kind=kind, log_dir=RESULTS, name=name)
 
 
 class InProcess:
     """`bench/inprocess.py`: a `vllm.LLM` in a subprocess answering JSON commands (replies on a pipe)."""
 
     def __init__(self, model, *, max_model_len, kv_bytes):
-        self.model, self.name = model, "inprocess"
+        self.model, self.name = model, f"inprocess-{pathlib.Path(model).name}"
         self.args = [sys.executable, str(BENCH / "inprocess.py"), "--model", model, "--max-model-len",
                      str(max_model_len), "--kv-bytes", str(kv_bytes), "--max-num-seqs", str(MAX_NUM_SEQS)]
         self.proc = self.log_file = None
@@ -217,13 +116,13 @@ class InProcess:
 
     def launch(self):
         RESULTS.mkdir(parents=True, exist_ok=True)
-        self.log_path = RESULTS / f"inprocess-{pathlib.Path(self.model).name}.log"
+        self.log_path = RESULTS / f"{self.name}.log"
         self.log_file = open(self.log_path, "w")
         read_fd, write_fd = os.pipe()
         self.started = time.monotonic()
         self.proc = subprocess.Popen([*self.args, "--reply-fd", str(write_fd)], stdin=subprocess.PIPE,
                                      stdout=self.log_file, stderr=subprocess.STDOUT, pass_fds=[write_fd],
-                                     cwd=str(ROOT), env={**os.environ, **ENV}, text=True)
+                                     cwd=str(ROOT), env=os.environ, text=True)
         os.close(write_fd)
         self.replies = os.fdopen(read_fd, "r")
         return self
@@ -231,8 +130,7 @@ class InProcess:
     def wait_healthy(self, timeout=HEALTH_TIMEOUT_S):
         self._read(timeout)  # the first line says it is ready
         self.startup_s = time.monotonic() - self.started
-        self.children = process_tree(self.proc)
-        log(f"inprocess on {pathlib.Path(self.model).name} ready after {self.startup_s:.0f} s")
+        self.children = support.descendants(self.proc.pid)
         return self
 
     def _read(self, timeout):
@@ -263,10 +161,10 @@ class InProcess:
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()  # EOF: the runner exits on its own
-                self.proc.wait(STOP_TIMEOUT_S)
+                self.proc.wait(support.STOP_TIMEOUT_S)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        self.left_behind = stop_process(self.proc, self.children)
+        self.left_behind = support.stop_process(self.proc, self.children)
         self.stop_s = time.monotonic() - start
         if self.log_file:
             self.log_file.close()
@@ -279,7 +177,8 @@ def start_all(procs):
         for p in procs:
             p.launch()
         for p in procs:
-            p.wait_healthy()
+            p.wait_healthy(HEALTH_TIMEOUT_S)
+            log(f"{p.name} ready after {p.startup_s:.0f} s")
     except BaseException:
         stop_all(procs)
         raise

@@ -11,8 +11,12 @@ Run as a subprocess by bench/run_all.py so its memory is released when it ends.
 import argparse
 import json
 import os
+import pathlib
 import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+from support import chat_prompt_ids  # noqa: E402
 
 
 def main():
@@ -46,9 +50,7 @@ def main():
                                 ignore_eos=cmd.get("ignore_eos", True), logprobs=cmd.get("logprobs"))
             if "conversations" in cmd:  # rendered as the servers render chat: template text → ids
                 tok = llm.get_tokenizer()
-                prompts = [{"prompt_token_ids": tok.encode(tok.apply_chat_template(c, tokenize=False,
-                                                                                   add_generation_prompt=True),
-                                                           add_special_tokens=False)} for c in cmd["conversations"]]
+                prompts = [{"prompt_token_ids": chat_prompt_ids(tok, c)} for c in cmd["conversations"]]
             else:
                 prompts = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in cmd["prompts"]]
             start = time.perf_counter()

@@ -42,7 +42,7 @@ import traceback
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 import load  # noqa: E402
-from common import RESULTS, InProcess, Server, log, median  # noqa: E402
+from common import RESULTS, InProcess, log, median  # noqa: E402
 
 PROFILES = {
     "full": dict(models="tiny,medium", repeats=3, chat_n=64, chat_tokens=64, turns_n=16, turns=4, turn_min=8,
@@ -142,13 +142,13 @@ def run_model_phase(model_name, args, results):
     kv, want = KV_BYTES[model_name], set(args.only)
     procs = {}
     if want & {"chat", "turns", "legacy", "latency", "scaling"} or args.sync_model == model_name:
-        procs["ours"] = Server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
+        procs["ours"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"chat", "turns", "legacy", "latency"}:
-        procs["stock"] = Server("stock", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
+        procs["stock"] = common.server("stock", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"chat", "legacy"}:
         procs["inprocess"] = InProcess(path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if "scaling" in want:
-        procs["ours_dp2"] = Server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, dp=2)
+        procs["ours_dp2"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, dp=2)
     phase = results["models"].setdefault(model_name, {"params": common.param_count(path), "scenarios": {},
                                                       "sizes": {k: getattr(args, k) for k in SIZED}})
     log(f"phase {model_name} ({phase['params'] / 1e6:.1f}M params): starting {', '.join(procs)}")
@@ -251,7 +251,7 @@ def run_sync(server, path, args):
 
 def run_sync_phase(args, results):
     path = common.model_path(args.sync_model)
-    server = Server("ours", path, max_model_len=SYNC_MAX_MODEL_LEN, kv_bytes=KV_BYTES[args.sync_model])
+    server = common.server("ours", path, max_model_len=SYNC_MAX_MODEL_LEN, kv_bytes=KV_BYTES[args.sync_model])
     log(f"phase weight sync on {args.sync_model}: starting our server")
     common.start_all([server])
     try:

@@ -29,7 +29,8 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import ROOT, free_port, median  # noqa: E402
+from common import ROOT, median  # noqa: E402
+from support import free_port  # noqa: E402
 
 TIMEOUT = datetime.timedelta(seconds=900)
 

@@ -20,6 +20,8 @@ import pathlib
 import sysconfig
 
 VOCAB_SIZE = 1024  # BPE vocabulary, before the added tokens
+LONGEST_CONTEXT = 1 << 17  # max_position_embeddings: rope has no weights, so this costs nothing until a
+#                            server asks for that --max-model-len (tests do, for requests that cannot finish)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 STDLIB_TEXTS = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "string.py",
@@ -90,7 +92,7 @@ def build(out_dir, seed=0, tied=False, hidden_size=128, num_layers=2, intermedia
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
-        head_dim=32, max_position_embeddings=4096, tie_word_embeddings=tied, torch_dtype="float32",
+        head_dim=32, max_position_embeddings=LONGEST_CONTEXT, tie_word_embeddings=tied, torch_dtype="float32",
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)

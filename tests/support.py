@@ -1,0 +1,440 @@
+"""Scaffolding shared by tests/ and bench/: one prompt set, one greedy-reference builder, one server
+launcher, waits on state a server reports, and the checked load (every answer against its own request).
+
+bench/ imports this module (it puts tests/ on sys.path); nothing here imports bench/. Importing it has no
+side effect beyond `os.environ` (vLLM offline, on loopback); vLLM and torch are imported where used.
+
+Waits never measure speed: each polls a condition the server reports and has a bound that only a hang
+reaches (HANG_S). A request that must still be running when the test acts is endless by construction
+(`endless()`), and the test ends it itself.
+"""
+
+import asyncio
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import requests
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ENV = dict(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+           VLLM_HOST_IP="127.0.0.1", TOKENIZERS_PARALLELISM="false")
+os.environ.update(ENV)
+
+HEALTH_TIMEOUT_S = 600  # cold start on a 2-core machine busy with other work, inductor compile included
+HANG_S = 300  # any single wait or request: only a hang takes this long
+STOP_TIMEOUT_S = 120  # SIGTERM → exit, then the same again for its descendants before SIGKILL
+POLL_S = 0.05
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------------
+
+PROMPTS = ["Hello world", "The weather in Paris is", "def f(x):", "What is 2 + 2?",
+           "Tell me a joke about the weather in Paris.", "Call a tool with JSON arguments.",
+           "import json, textwrap", "The first step is"]
+CHATS = [[{"role": "user", "content": "What is 2 + 2?"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Call a tool."}]]
+GREEDY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}  # /v1 body fields
+
+
+def endless(prompt=PROMPTS[0], n=4096, max_tokens=400):
+    """A /v1/completions body that cannot finish while a test runs (n x max_tokens tokens: 1.6M by
+    default, about 10 minutes of a 2-core CPU at full speed): the test ends it by disconnecting. vLLM
+    schedules first come, first served, so requests sent after it wait: use `unending` to run beside one."""
+    return {"prompt": prompt, "n": n, "max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True}
+
+
+LONG_SERVER_ARGS = ["--max-model-len", str(1 << 17), "--kv-cache-memory-bytes", str(256 << 20)]
+
+
+def unending(prompt=PROMPTS[0]):
+    """One sequence of 130k tokens, for a server started with LONG_SERVER_ARGS: that many decode steps, each
+    after the last, take minutes on any machine, and it leaves the batch room for other requests."""
+    return {"prompt": prompt, "max_tokens": (1 << 17) - 64, "temperature": 1.0, "ignore_eos": True}
+
+
+# ------------------------------------------------------------------------------------------------
+# References: an in-process vllm.LLM with the servers' settings
+# ------------------------------------------------------------------------------------------------
+
+LLM_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=64 << 20, seed=0,
+                  logprobs_mode="processed_logprobs", max_logprobs=-1)
+SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+               "--kv-cache-memory-bytes", str(64 << 20)]  # LLM_KWARGS as flags, spelled as both servers accept
+STOCK_ARGS = ["--max-logprobs", "-1", "--logprobs-mode", "processed_logprobs", "--seed", "0"]  # ours' defaults
+
+
+def reference(llm, prompts, params=None, **sampling):
+    """RequestOutputs of `llm` for prompts given as text or token ids; `params`: a SamplingParams or one per
+    prompt, else SamplingParams(**sampling)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in prompts]
+    return llm.generate(prompts, params or SamplingParams(**sampling), use_tqdm=False)
+
+
+def greedy_ids(llm, prompts, max_tokens):
+    """The completion token ids a server must return for greedy `ignore_eos` requests of `prompts`."""
+    return [list(o.outputs[0].token_ids)
+            for o in reference(llm, prompts, temperature=0, max_tokens=max_tokens, ignore_eos=True)]
+
+
+def chat_prompt_ids(tokenizer, messages, **kwargs):
+    """What a server renders for a conversation: the template's text, tokenized without special tokens."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def dump(obj):
+    """A JSON body, shortened, for assertion messages."""
+    return json.dumps(obj, indent=1)[:4000]
+
+
+def tokenizer_of(model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes: servers on free loopback ports, stopped by PID with nothing left behind
+# ------------------------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, what, timeout=HANG_S):
+    """Poll `predicate()` until it returns a true value, which is returned; only a hang reaches `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout} s")
+        time.sleep(POLL_S)
+    return value
+
+
+def descendants(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def stop_process(proc, known=(), timeout=STOP_TIMEOUT_S):
+    """SIGTERM by PID, wait, SIGKILL on timeout; then wait for every descendant, those seen earlier (`known`)
+    included, since a parent that exits may leave them orphaned. → the PIDs that had to be killed."""
+    import psutil
+
+    children = list({c.pid: c for c in [*known, *descendants(proc.pid)]}.values())
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    return [c.pid for c in alive]
+
+
+class Server:
+    """`python vllm_serve.py` (kind "ours") or stock `vllm serve` (kind "stock") as a subprocess on a free
+    loopback port, logging to a file. `launch()` returns at once, `wait_healthy()` polls /health."""
+
+    def __init__(self, model, *args, kind="ours", log_dir, name=None, env=None, served_name="tiny"):
+        self.kind, self.model, self.name = kind, model, name or kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = pathlib.Path(log_dir) / f"{self.name}-{self.port}.log"
+        entry = [str(ROOT / "vllm_serve.py")] if kind == "ours" else ["-m", "vllm.entrypoints.openai.api_server"]
+        extra = STOCK_ARGS if kind == "stock" else []
+        self.args = [sys.executable, *entry, "--model", model, "--served-model-name", served_name,
+                     "--host", "127.0.0.1", "--port", str(self.port), *extra, *args]
+        self.env = {**os.environ, **ENV, **(env or {})}
+        self.proc = self.log = None
+        self.children, self.left_behind, self.exit_code = [], [], None
+        self.startup_s = self.stop_s = None  # seconds to healthy, and from SIGTERM to exit (bench/ reports them)
+
+    def launch(self):
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "w")
+        self.launched = time.perf_counter()
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=str(ROOT))
+        return self
+
+    def wait_healthy(self, timeout=HEALTH_TIMEOUT_S):
+        def healthy():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                return requests.get(self.url + "/health", timeout=10).status_code == 200
+            except requests.RequestException:
+                return False
+
+        try:
+            wait_until(healthy, f"{self.name} healthy", timeout)
+        except TimeoutError:
+            self.stop()
+            raise TimeoutError(f"{self.name} not healthy after {timeout} s:\n{self.log_tail()}") from None
+        self.children = descendants(self.proc.pid)
+        self.startup_s = time.perf_counter() - self.launched
+        return self
+
+    def start(self, timeout=HEALTH_TIMEOUT_S):
+        return self.launch().wait_healthy(timeout)
+
+    def stop(self):
+        """SIGTERM and wait; → the exit status. `left_behind`: descendants that outlived it (then killed)."""
+        if self.proc is not None and self.exit_code is None:
+            start = time.perf_counter()
+            self.left_behind = stop_process(self.proc, self.children)
+            self.stop_s, self.exit_code = time.perf_counter() - start, self.proc.returncode
+            self.log.close()
+        return self.exit_code
+
+    def log_tail(self, n=80):
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def log_text(self):
+        if self.log and not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def post(self, path, body, **kwargs):
+        return requests.post(self.url + path, json=body, timeout=kwargs.pop("timeout", HANG_S), **kwargs)
+
+    def get(self, path, **kwargs):
+        return requests.get(self.url + path, timeout=kwargs.pop("timeout", HANG_S), **kwargs)
+
+    def health(self):
+        """/health's body: {"status", "requests_running", "requests_aborted", ...}."""
+        return self.get("/health").json()
+
+    def wait_for_health(self, predicate, timeout=HANG_S):
+        """Poll /health until `predicate(body)`; → that body."""
+        seen = {}
+
+        def check():
+            seen["last"] = self.health()
+            return predicate(seen["last"])
+
+        try:
+            wait_until(check, "/health condition", timeout)
+        except TimeoutError:
+            raise TimeoutError(f"/health never met the condition within {timeout} s; last: {seen.get('last')}") \
+                from None
+        return seen["last"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Checked load: requests with distinct prompts, every answer checked against its own request
+# ------------------------------------------------------------------------------------------------
+
+WORDS = ("the a of to in is for on with as by at from that this which what how why when where model policy "
+         "reward token value search agent tool call answer question paris weather sunny compute prove explain "
+         "write list sort number prime sum json python function return step first then finally").split()
+STREAM_EVERY = 4  # every 4th request streams
+
+
+@dataclasses.dataclass
+class Job:
+    """One request to send: its route and body, and what its answer must hold."""
+
+    index: int
+    route: str  # "/v1/completions" or "/v1/chat/completions"
+    stream: bool
+    body: dict
+    max_tokens: int
+    prompt_ids: list = None  # expected prompt token ids, filled by `expect`
+    token_ids: list = None  # expected completion token ids, filled by `expect`
+
+
+@dataclasses.dataclass
+class Answer:
+    index: int
+    status: int = None  # HTTP status; None: no answer at all (connection error, timeout)
+    latency_s: float = None
+    response_ids: list = dataclasses.field(default_factory=list)  # every distinct id seen in the answer
+    prompt_ids: list = None
+    token_ids: list = None
+    finals: int = 0  # chunks or choices with a finish_reason
+    done_markers: int = 0  # `data: [DONE]` lines (streaming)
+    error: str = None
+
+
+def plan(n, seed=0, max_tokens=(4, 24), model="tiny"):
+    """n jobs, alternating chat and completions, every STREAM_EVERY-th streaming; prompts all distinct."""
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(n):
+        text = f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16)))
+        tokens = rng.randint(*max_tokens)
+        common = {"model": model, "max_tokens": tokens, **GREEDY, "stream": i % STREAM_EVERY == STREAM_EVERY - 1}
+        if i % 2:
+            body = {**common, "messages": [{"role": "user", "content": text}]}
+            jobs.append(Job(i, "/v1/chat/completions", common["stream"], body, tokens))
+        else:
+            jobs.append(Job(i, "/v1/completions", common["stream"], {**common, "prompt": text}, tokens))
+    return jobs
+
+
+def expect(jobs, llm, tokenizer):
+    """Fill each job's expected prompt ids (as the server renders them) and greedy completion ids."""
+    from vllm import SamplingParams
+
+    for job in jobs:
+        job.prompt_ids = (tokenizer.encode(job.body["prompt"]) if job.route == "/v1/completions"
+                          else chat_prompt_ids(tokenizer, job.body["messages"]))
+    params = [SamplingParams(temperature=0, max_tokens=job.max_tokens, ignore_eos=True) for job in jobs]
+    for job, out in zip(jobs, reference(llm, [job.prompt_ids for job in jobs], params=params)):
+        job.token_ids = list(out.outputs[0].token_ids)
+    return jobs
+
+
+async def _one(session, base_url, job, answer):
+    import aiohttp
+
+    start = time.perf_counter()
+    try:
+        async with session.post(base_url + job.route, json=job.body) as response:
+            answer.status = response.status
+            if response.status != 200:
+                answer.error = (await response.text())[:300]
+            elif job.stream:
+                _read_stream(answer, [line async for line in response.content])
+            else:
+                _read_body(answer, await response.json())
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        answer.error = f"{type(exc).__name__}: {exc}"
+    answer.latency_s = time.perf_counter() - start
+
+
+def _read_body(answer, body):
+    (choice,) = body["choices"]
+    answer.response_ids = [body["id"]]
+    answer.prompt_ids = choice.get("prompt_token_ids") or body.get("prompt_token_ids")
+    answer.token_ids = choice["token_ids"]
+    answer.finals = int(choice["finish_reason"] is not None)
+
+
+def _read_stream(answer, lines):
+    """SSE → the same fields: token ids concatenated over the chunks (so deltas work too)."""
+    answer.token_ids = []
+    for line in lines:
+        line = line.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            answer.done_markers += 1
+            continue
+        chunk = json.loads(data)
+        if chunk["id"] not in answer.response_ids:
+            answer.response_ids.append(chunk["id"])
+        answer.prompt_ids = answer.prompt_ids or chunk.get("prompt_token_ids")
+        for choice in chunk["choices"]:
+            answer.prompt_ids = answer.prompt_ids or choice.get("prompt_token_ids")
+            answer.token_ids += choice.get("token_ids") or []
+            answer.finals += int(choice.get("finish_reason") is not None)
+
+
+async def _send(base_url, jobs, concurrency, headers, on_progress, progress_s):
+    import aiohttp
+
+    answers = [Answer(job.index) for job in jobs]
+    queue, done = list(zip(jobs, answers))[::-1], [0]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=HANG_S)) as session:
+        async def worker():
+            while queue:
+                job, answer = queue.pop()
+                await _one(session, base_url, job, answer)
+                done[0] += 1
+
+        async def progress():
+            while True:
+                on_progress(done[0])
+                await asyncio.sleep(progress_s)
+
+        ticker = asyncio.create_task(progress())
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            ticker.cancel()
+    return answers
+
+
+def send(base_url, jobs, concurrency, api_key=None, on_progress=lambda done: None, progress_s=0.5):
+    """All jobs, `concurrency` in flight at any time → one Answer per job, in job order. `on_progress(done)`
+    is called every `progress_s` with the number of answers so far."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return asyncio.run(_send(base_url, jobs, concurrency, headers, on_progress, progress_s))
+
+
+def check(jobs, answers):
+    """→ {"requests", "answered", "errors", "duplicates", "prompt_mismatches", "token_mismatches", "bad"}."""
+    seen, duplicates, errors, prompt_bad, token_bad, bad = {}, 0, 0, 0, 0, []
+    for job, answer in zip(jobs, answers):
+        if answer.status != 200 or answer.error:
+            errors += 1
+            bad.append((job.index, answer.status, answer.error))
+            continue
+        once = len(answer.response_ids) == 1 and answer.finals == 1 and answer.done_markers == int(job.stream)
+        for rid in answer.response_ids:
+            duplicates += rid in seen
+            seen[rid] = job.index
+        if not once:
+            duplicates += 1
+            bad.append((job.index, "answered more than once", answer.response_ids, answer.finals, answer.done_markers))
+        if answer.prompt_ids != job.prompt_ids:
+            prompt_bad += 1
+            bad.append((job.index, "prompt ids", answer.prompt_ids, job.prompt_ids))
+        elif answer.token_ids != job.token_ids:
+            token_bad += 1
+            bad.append((job.index, "token ids", answer.token_ids, job.token_ids))
+    return {"requests": len(jobs), "answered": sum(a.status is not None for a in answers), "errors": errors,
+            "duplicates": duplicates, "prompt_mismatches": prompt_bad, "token_mismatches": token_bad, "bad": bad}
+
+
+def rss_by_process(pid):
+    """{label: RSS in bytes} of a server process and all its descendants, labelled by role."""
+    import psutil
+
+    found = {}
+    for process in [psutil.Process(pid), *descendants(pid)]:
+        try:
+            cmdline = " ".join(process.cmdline())
+            label = ("server" if process.pid == pid else "tracker" if "resource_tracker" in cmdline
+                     else "dp-worker" if "spawn_main" in cmdline else process.name())
+            found[f"{label}#{sum(k.startswith(label) for k in found)}"] = process.memory_info().rss
+        except psutil.Error:
+            pass
+    return found
+
+
+def latency_figures(answers):
+    """→ (p50, p99) latency in seconds."""
+    cuts = statistics.quantiles([a.latency_s for a in answers if a.latency_s is not None], n=100, method="inclusive")
+    return cuts[49], cuts[98]
