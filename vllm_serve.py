@@ -1,12 +1,12 @@
 """OpenAI-compatible rollout server for online RL, with live weight sync; a drop-in for `trl vllm-serve`.
 
 What it does
-    Spawns one worker process per data-parallel rank, each owning one `vllm.LLM`, and talks to them
-    over `multiprocessing` pipes. Every pipe exchange runs in a thread under one shared asyncio lock,
-    so the event loop never blocks (`/health` answers while a batch generates). Concurrent requests
-    from every generation route are batched continuously (below) across the DP ranks, each request
-    keeping its own SamplingParams. Chat prompts are rendered to token ids
-    here, so one batch mixes templates, tools and sampling settings freely.
+    Spawns one worker process per data-parallel rank, each owning one `vllm.LLM` (seeded apart, see
+    `replica_seed`), and talks to them over `multiprocessing` pipes. Every pipe exchange runs in a
+    thread under one shared asyncio lock, so the event loop never blocks (`/health` answers while a
+    batch generates). Concurrent requests from every generation route are batched continuously
+    (below) across the DP ranks, each request keeping its own SamplingParams. Chat prompts are
+    rendered to token ids here, so one batch mixes templates, tools and sampling settings freely.
 
 Launch
     python vllm_serve.py --model Qwen/Qwen2.5-0.5B-Instruct
@@ -129,7 +129,7 @@ class ServeArgs:
     reasoning_parser: str | None = arg(None, "vLLM reasoning parser name.", str)
     chat_template: str | None = arg(None, "Chat template file or inline Jinja (default: tokenizer's).", str)
     max_num_seqs: int | None = arg(None, "Max sequences vLLM schedules at once (default: vLLM's).", int)
-    seed: int = arg(0, "Engine seed.")
+    seed: int = arg(0, "Engine seed of DP rank 0; the other ranks derive their own from it.")
     kv_cache_memory_bytes: int | None = arg(None, "KV cache size in bytes (CPU: instead of a GiB env var).", int)
     batch_wait_ms: float = arg(BATCH_WAIT_MS, "When idle, how long the first request waits for others, in ms.")
     max_batch_requests: int = arg(MAX_BATCH_REQUESTS, "Requests admitted per batching round.")
@@ -554,6 +554,18 @@ def weight_buckets(metas, bucket_bytes):
     return buckets
 
 
+def replica_seed(seed, dp_rank):
+    """The engine seed of DP replica `dp_rank`, derived as vLLM derives one per DP rank (its
+    `set_random_seed`): rank 0 keeps `seed`. Every replica is a DP-rank-0 engine of its own, so with one
+    seed for all, the k-th unseeded request on each rank would draw the same random numbers. Requests
+    with their own `seed` sample from a generator of that seed, on any rank."""
+    import numpy as np
+
+    if dp_rank == 0:
+        return seed
+    return int(np.random.SeedSequence((seed, dp_rank)).generate_state(1)[0])
+
+
 def compact_logprobs(positions):
     """vLLM logprobs → [[(token_id, logprob, rank, decoded)] per position]: small to pickle, order kept."""
     if positions is None:
@@ -584,7 +596,8 @@ class WorkerEngine:
         self.llm = LLM(
             model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-            kv_cache_dtype=args.kv_cache_dtype, trust_remote_code=args.trust_remote_code, seed=args.seed,
+            kv_cache_dtype=args.kv_cache_dtype, trust_remote_code=args.trust_remote_code,
+            seed=replica_seed(args.seed, dp_rank),
             model_impl=args.vllm_model_impl, max_logprobs=args.max_logprobs, logprobs_mode=args.logprobs_mode,
             worker_extension_cls=f"{MODULE_NAME}.WeightSyncWorkerExtension",
             **{k: v for k, v in optional.items() if v is not None})
