@@ -206,8 +206,9 @@ def parse_args(argv=None):
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
-             499: "ClientClosedRequest", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
+             413: "RequestTooLargeError", 499: "ClientClosedRequest", 500: "InternalServerError",
+             503: "ServiceUnavailableError"}
 
     def __init__(self, message, status=400, param=None):
         super().__init__(message)
@@ -607,7 +608,8 @@ class WorkerEngine:
         import torch
 
         return {"max_model_len": config.max_model_len, "vocab_size": config.get_vocab_size(),
-                "device": "cuda" if torch.cuda.is_available() else "cpu", "pid": os.getpid()}
+                "device": "cuda" if torch.cuda.is_available() else "cpu", "pid": os.getpid(),
+                "quantization": config.quantization}  # method name (e.g. "fp8", "compressed-tensors") or None
 
     def finish_weight_update(self):
         """Load what a per-parameter sync sent; runs before anything that reads the weights."""
@@ -1634,8 +1636,18 @@ def param_meta(server, body):
 TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64"}  # what a trainer holds; vLLM casts on load
 
 
+def check_weight_sync(info):
+    """409 for every weight-sync call into a quantized model (`info`: the workers' `WorkerEngine.info()`):
+    the trainer sends unquantized tensors, and loading them would leave the layers' scales as they were."""
+    if info["quantization"]:
+        raise APIError(f"Weight sync into a quantized model ({info['quantization']}) is not supported: the "
+                       "trainer's tensors would be loaded without their quantization scales. Serve the "
+                       "unquantized checkpoint to train against it.", status=409)
+
+
 async def init_communicator(request):
     server = state(request)
+    check_weight_sync(server.workers.info)
     body = await read_json(request)
     host, port = body.get("host"), body.get("port")
     if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isprintable() or " " in host:
@@ -1655,6 +1667,7 @@ async def init_communicator(request):
 
 async def update_named_param(request):
     server = state(request)
+    check_weight_sync(server.workers.info)
     meta = param_meta(server, await read_json(request))
     server.check_communicator()
     await server.batcher.hold(server.args.weight_sync_timeout)  # released by /reset_prefix_cache
@@ -1664,6 +1677,7 @@ async def update_named_param(request):
 
 async def update_named_params(request):
     server = state(request)
+    check_weight_sync(server.workers.info)
     body = await read_json(request)
     metas = [param_meta(server, p) for p in legacy_list(body, "params")]
     bucket_bytes = body.get("bucket_bytes", WEIGHT_BUCKET_BYTES)

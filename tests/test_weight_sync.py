@@ -211,3 +211,56 @@ def test_weight_sync_input_errors(server):
         VLLMClient(base_url=server.url, connection_timeout=30).update_named_params([])
     assert info.value.status_code in (400, 409)
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def int8_checkpoint(model_dir, out_dir):
+    """A W8A8 int8 copy of a tiny model in compressed-tensors format: int8 linear weights with a scale per
+    output channel. One of the quantized formats vLLM's CPU build serves (its fp8 paths need AMX)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.copytree(model_dir, out_dir)
+    tensors = {}
+    for name, tensor in checkpoint(model_dir):
+        if name.endswith("_proj.weight"):  # attention and MLP linears; embeddings, norms and lm_head stay float32
+            scale = tensor.abs().amax(dim=1, keepdim=True) / 127
+            tensors[name] = torch.round(tensor / scale).to(torch.int8)
+            tensors[name.removesuffix("weight") + "weight_scale"] = scale
+        else:
+            tensors[name] = tensor
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True}
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {
+            "targets": ["Linear"], "weights": {**int8, "strategy": "channel", "dynamic": False},
+            "input_activations": {**int8, "strategy": "token", "dynamic": True}}}}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+def test_weight_sync_into_a_quantized_model_is_refused(models, start_server, tmp_path):
+    """Until scales are synced too, every weight-sync call into a quantized model gets a 409 saying why,
+    before anything reaches the workers: generation goes on with the served weights."""
+    model = int8_checkpoint(pathlib.Path(models["seed0"]), tmp_path / "int8")
+    server = start_server(str(model), "--weight_sync_timeout", "30", name="sync-int8")
+    try:
+        served = greedy(server)
+        meta = {"name": "model.norm.weight", "dtype": "torch.float32", "shape": [128]}
+        for path, body in [("/init_communicator", {"host": "127.0.0.1", "port": free_port(), "world_size": 2,
+                                                   "client_device_uuid": "cpu"}),
+                           ("/update_named_param", meta), ("/update_named_params", {"params": [meta]})]:
+            response = server.post(path, body)
+            assert response.status_code == 409, (path, response.text)
+            error = response.json()["error"]
+            assert error["type"] == "ConflictError" and "quantized model (compressed-tensors)" in error["message"]
+        with pytest.raises(VLLMClientError) as info:
+            connect(server)  # what a trainer sees
+        assert info.value.status_code == 409
+        assert greedy(server) == served
+    finally:
+        server.stop()
