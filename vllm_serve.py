@@ -21,7 +21,8 @@ Routes
 
 Weight sync (TRL's protocol): the trainer is the last rank of a group of `tp*dp + 1`; NCCL when the
 workers run on CUDA, gloo over a TCP store when they run on CPU. `/update_named_params` announces
-many tensors at once; the client broadcasts them packed in buckets (one broadcast per bucket).
+many tensors at once; the client broadcasts them packed in buckets (one broadcast per bucket), each
+tensor padded to WEIGHT_ALIGN_BYTES; the body names that layout (`"layout": 2`), else 400.
 
 Batching
     Continuous: vLLM's engines step without pause; in rounds (one pipe exchange under the lock) the
@@ -79,6 +80,9 @@ WORKER_START_TIMEOUT_S = 1800.0  # model download + load + warmup of the slowest
 WORKER_POLL_S = 1.0  # how often a waiting pipe read checks that the worker is still alive
 WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails the sync after this
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of the batched weight update (client may choose)
+WEIGHT_ALIGN_BYTES = 16  # each tensor of a bucket starts at a multiple of this: a view as dtype needs an offset
+#                          divisible by the element size, and a bucket may mix dtypes (say bf16, then fp32)
+WEIGHT_LAYOUT = 2  # bucket layout /update_named_params reads. 1 (sent without `layout`): tensors back to back
 LEGACY_LOGPROB_TOP_K = 100  # /get_sequence_logprobs/ default top_logprobs, as TRL
 MAX_REQUEST_BODY_BYTES = 256 << 20  # 413 above this; generous enough for a few base64 images per request
 MAX_JSON_DEPTH = 64  # nesting levels a body may have; real requests, tool schemas included, stay under 20
@@ -514,14 +518,13 @@ class WeightSyncWorkerExtension:
         import torch
 
         with self._closed_on_error():
-            for bucket in weight_buckets(metas, bucket_bytes):
-                buffer = torch.empty(sum(nbytes for *_, nbytes in bucket), dtype=torch.uint8, device=self.device)
+            for size, tensors in weight_buckets(metas, bucket_bytes):
+                buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
                 self._broadcast(buffer)
-                named, offset = [], 0
-                for name, dtype, shape, nbytes in bucket:
+                named = []
+                for name, dtype, shape, offset, nbytes in tensors:
                     view = buffer[offset:offset + nbytes].view(getattr(torch, dtype.split(".")[-1])).view(shape)
                     named.append((name, view))
-                    offset += nbytes
                 self._load(named)
         return self.close_reload()
 
@@ -538,21 +541,28 @@ class WeightSyncWorkerExtension:
 
 
 def weight_buckets(metas, bucket_bytes):
-    """[{name, dtype, shape}] → buckets of (name, dtype, shape, nbytes); the client packs identically."""
+    """[{name, dtype, shape}] → [(bucket size, [(name, dtype, shape, offset, nbytes)])], in order, a new bucket
+    whenever the next tensor would overflow a non-empty one. Layout WEIGHT_LAYOUT: every tensor is padded
+    to WEIGHT_ALIGN_BYTES. The client packs identically (vllm_client._buckets, _packed)."""
     import torch
 
     buckets, current, size = [], [], 0
     for meta in metas:
         dtype = getattr(torch, meta["dtype"].split(".")[-1])
         nbytes = math.prod(meta["shape"]) * torch.empty((), dtype=dtype).element_size()
-        if current and size + nbytes > bucket_bytes:
-            buckets.append(current)
+        if current and size + padded(nbytes) > bucket_bytes:
+            buckets.append((size, current))
             current, size = [], 0
-        current.append((meta["name"], meta["dtype"], tuple(meta["shape"]), nbytes))
-        size += nbytes
+        current.append((meta["name"], meta["dtype"], tuple(meta["shape"]), size, nbytes))
+        size += padded(nbytes)
     if current:
-        buckets.append(current)
+        buckets.append((size, current))
     return buckets
+
+
+def padded(nbytes):
+    """Bytes a tensor of `nbytes` takes in a weight bucket."""
+    return -(-nbytes // WEIGHT_ALIGN_BYTES) * WEIGHT_ALIGN_BYTES
 
 
 def replica_seed(seed, dp_rank):
@@ -1683,6 +1693,11 @@ async def update_named_params(request):
     bucket_bytes = body.get("bucket_bytes", WEIGHT_BUCKET_BYTES)
     if not is_int(bucket_bytes) or bucket_bytes < 1:
         raise APIError("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
+    layout = body.get("layout")
+    if not is_int(layout) or layout != WEIGHT_LAYOUT:  # a client without `layout` packs back to back (layout 1)
+        raise APIError(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} bytes in its "
+                       f"bucket), got {json.dumps(layout)}: a client that sends none packs tensors back to back. "
+                       "Use the vllm_client.py that ships with this server.", param="layout")
     server.check_communicator()
     await server.batcher.hold()
     try:  # requests queued meanwhile run after the update: the lock keeps them out until it is done

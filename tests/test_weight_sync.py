@@ -264,3 +264,56 @@ def test_weight_sync_into_a_quantized_model_is_refused(models, start_server, tmp
         assert greedy(server) == served
     finally:
         server.stop()
+
+
+def odd_width_models(root):
+    """Two tiny models of hidden size 97 (3 heads of 32; vLLM's Qwen2 takes head_dim = hidden // heads),
+    whose norm weights hold 97 elements: sent as bf16 one takes 194 bytes, which leaves the fp32 tensor
+    after it 2 bytes off a 4-byte boundary unless the bucket pads. Every weight of the second model is
+    bf16-exact (norms perturbed so that they matter), so sending any of them as bf16 loses nothing."""
+    import tiny_model
+    import torch
+    from safetensors.torch import save_file
+
+    first, second = (tiny_model.build(root / f"odd{seed}", seed=seed, hidden_size=97) for seed in (0, 1))
+    gen = torch.Generator().manual_seed(1)
+    exact = {name: (t + 0.3 * torch.randn(t.shape, generator=gen) if "norm" in name else t).bfloat16().float()
+             for name, t in checkpoint(second)}
+    save_file(exact, str(second / "model.safetensors"), metadata={"format": "pt"})
+    return str(first), str(second)
+
+
+def test_mixed_dtype_buckets_sync_exactly_and_another_layout_is_refused(start_server, reference_llm, tmp_path):
+    """A bucket holding odd-length bf16 tensors between fp32 ones loads exactly (greedy ids equal a fresh
+    engine's). A body without `layout: 2` (an old client, whose buckets are unpadded) or with another
+    value gets a 400 before any broadcast; the server stays healthy and the next correct sync works.
+    One server for both: a start costs more than either check."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    first, second = odd_width_models(tmp_path)
+    sampling = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    refs = {path: [list(o.outputs[0].token_ids) for o in reference_llm(path).generate(
+        [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], sampling, use_tqdm=False)] for path in (first, second)}
+    assert refs[first] != refs[second]
+    server = start_server(first, "--weight_sync_timeout", "60", name="sync-odd")
+    try:
+        assert greedy(server) == refs[first]
+        client = connect(server)
+        mixed = [(name, t.bfloat16() if "norm" in name else t) for name, t in checkpoint(second)]
+        assert any(a.dtype == torch.bfloat16 and a.numel() % 2 and b.dtype != a.dtype
+                   for (_, a), (_, b) in zip(mixed, mixed[1:]))  # the case the padding is for
+        client.update_named_params(mixed)  # one bucket
+        assert greedy(server) == refs[second]
+
+        metas = [{"name": name, "dtype": str(t.dtype), "shape": list(t.shape)} for name, t in checkpoint(first)]
+        for extra in ({}, {"layout": 1}, {"layout": "2"}, {"layout": 3}):
+            response = server.post("/update_named_params", {"params": metas, **extra})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "layout", response.text
+        assert server.get("/health").json()["requests_running"] == 0
+        client.update_named_params(checkpoint(first), bucket_bytes=100_000)  # several buckets
+        assert greedy(server) == refs[first]
+        client.close_communicator()
+    finally:
+        server.stop()
