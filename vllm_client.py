@@ -42,6 +42,8 @@ HEALTH_PROBE_TIMEOUT_S = 5.0  # one /health probe of check_server
 MAX_RETRIES = 3  # resends of a request that never reached the server, or of an idempotent one
 RETRY_BACKOFF_S = 0.5  # doubled after every retry
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of update_named_params (the server's default too)
+WEIGHT_ALIGN_BYTES = 16  # each tensor of a bucket starts at a multiple of this (the server views it as its dtype)
+WEIGHT_LAYOUT = 2  # the bucket layout sent to /update_named_params: tensors padded to WEIGHT_ALIGN_BYTES
 JSON_MIN_LOGPROB = -9999.0  # servers send -inf logprobs (outside top_p/top_k) as this, JSON having no infinity
 
 
@@ -270,13 +272,14 @@ class VLLMClient:
 
         named = [(name, tensor.detach()) for name, tensor in named_tensors]
         params = [{"name": name, "dtype": str(t.dtype), "shape": list(t.shape)} for name, t in named]
-        self._request("POST", "/update_named_params", json={"params": params, "bucket_bytes": bucket_bytes})
+        self._request("POST", "/update_named_params", json={"params": params, "bucket_bytes": bucket_bytes,
+                                                            "layout": WEIGHT_LAYOUT})
         buckets = _buckets(named, bucket_bytes)
         if self._backend == "gloo":
             _broadcast_buckets(self.communicator, self.rank, buckets, self._pack_buffers)
         else:
             for bucket in buckets:
-                self._broadcast(torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in bucket]))
+                self._broadcast(torch.cat(_packed(bucket)))
 
     def update_model_params(self, model, *, batched=True):
         """Push every `model.named_parameters()` tensor: batched by default, one call per tensor otherwise."""
@@ -431,16 +434,34 @@ def _decode_binary_logprobs(response):
 
 
 def _buckets(named, bucket_bytes):
-    """Tensors in order, a new bucket whenever the next would overflow a non-empty one (as the server packs)."""
+    """Tensors in order, a new bucket whenever the next would overflow a non-empty one, each tensor taking
+    its padded size (as the server's `weight_buckets` reads them)."""
     buckets, current, size = [], [], 0
     for _, tensor in named:
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = _padded(tensor.numel() * tensor.element_size())
         if current and size + nbytes > bucket_bytes:
             buckets.append(current)
             current, size = [], 0
         current.append(tensor)
         size += nbytes
     return buckets + [current] if current else buckets
+
+
+def _padded(nbytes):
+    """Bytes a tensor of `nbytes` takes in a bucket (layout WEIGHT_LAYOUT)."""
+    return -(-nbytes // WEIGHT_ALIGN_BYTES) * WEIGHT_ALIGN_BYTES
+
+
+def _packed(bucket):
+    """A bucket's uint8 pieces in wire order: each tensor's bytes, then zeros up to its padded size."""
+    import torch
+
+    pieces = []
+    for tensor in bucket:
+        raw = tensor.contiguous().view(-1).view(torch.uint8)
+        pad = _padded(raw.numel()) - raw.numel()
+        pieces += [raw, raw.new_zeros(pad)] if pad else [raw]
+    return pieces
 
 
 def _broadcast_buckets(group, root, buckets, buffers):
@@ -451,7 +472,7 @@ def _broadcast_buckets(group, root, buckets, buffers):
     """
     import torch
 
-    sizes = [sum(t.numel() * t.element_size() for t in bucket) for bucket in buckets]
+    sizes = [sum(_padded(t.numel() * t.element_size()) for t in bucket) for bucket in buckets]
     need = max(sizes, default=0)
     for i in range(min(2, len(buckets))):
         if i == len(buffers):
@@ -461,7 +482,7 @@ def _broadcast_buckets(group, root, buckets, buffers):
     sending = None
     for k, (bucket, size) in enumerate(zip(buckets, sizes)):
         packed = buffers[k % 2][:size]  # its last send (bucket k-2) was waited for before bucket k-1's
-        torch.cat([t.cpu().contiguous().view(-1).view(torch.uint8) for t in bucket], out=packed)
+        torch.cat(_packed([t.cpu() for t in bucket]), out=packed)
         if sending is not None:
             sending.wait()
         sending = group.broadcast(packed, root=root)

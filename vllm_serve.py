@@ -1,12 +1,12 @@
 """OpenAI-compatible rollout server for online RL, with live weight sync; a drop-in for `trl vllm-serve`.
 
 What it does
-    Spawns one worker process per data-parallel rank, each owning one `vllm.LLM`, and talks to them
-    over `multiprocessing` pipes. Every pipe exchange runs in a thread under one shared asyncio lock,
-    so the event loop never blocks (`/health` answers while a batch generates). Concurrent requests
-    from every generation route are batched continuously (below) across the DP ranks, each request
-    keeping its own SamplingParams. Chat prompts are rendered to token ids
-    here, so one batch mixes templates, tools and sampling settings freely.
+    Spawns one worker process per data-parallel rank, each owning one `vllm.LLM` (seeded apart, see
+    `replica_seed`), and talks to them over `multiprocessing` pipes. Every pipe exchange runs in a
+    thread under one shared asyncio lock, so the event loop never blocks (`/health` answers while a
+    batch generates). Concurrent requests from every generation route are batched continuously
+    (below) across the DP ranks, each request keeping its own SamplingParams. Chat prompts are
+    rendered to token ids here, so one batch mixes templates, tools and sampling settings freely.
 
 Launch
     python vllm_serve.py --model Qwen/Qwen2.5-0.5B-Instruct
@@ -21,7 +21,8 @@ Routes
 
 Weight sync (TRL's protocol): the trainer is the last rank of a group of `tp*dp + 1`; NCCL when the
 workers run on CUDA, gloo over a TCP store when they run on CPU. `/update_named_params` announces
-many tensors at once; the client broadcasts them packed in buckets (one broadcast per bucket).
+many tensors at once; the client broadcasts them packed in buckets (one broadcast per bucket), each
+tensor padded to WEIGHT_ALIGN_BYTES; the body names that layout (`"layout": 2`), else 400.
 
 Batching
     Continuous: vLLM's engines step without pause; in rounds (one pipe exchange under the lock) the
@@ -79,6 +80,9 @@ WORKER_START_TIMEOUT_S = 1800.0  # model download + load + warmup of the slowest
 WORKER_POLL_S = 1.0  # how often a waiting pipe read checks that the worker is still alive
 WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails the sync after this
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of the batched weight update (client may choose)
+WEIGHT_ALIGN_BYTES = 16  # each tensor of a bucket starts at a multiple of this: a view as dtype needs an offset
+#                          divisible by the element size, and a bucket may mix dtypes (say bf16, then fp32)
+WEIGHT_LAYOUT = 2  # bucket layout /update_named_params reads. 1 (sent without `layout`): tensors back to back
 LEGACY_LOGPROB_TOP_K = 100  # /get_sequence_logprobs/ default top_logprobs, as TRL
 MAX_REQUEST_BODY_BYTES = 256 << 20  # 413 above this; generous enough for a few base64 images per request
 MAX_JSON_DEPTH = 64  # nesting levels a body may have; real requests, tool schemas included, stay under 20
@@ -129,7 +133,7 @@ class ServeArgs:
     reasoning_parser: str | None = arg(None, "vLLM reasoning parser name.", str)
     chat_template: str | None = arg(None, "Chat template file or inline Jinja (default: tokenizer's).", str)
     max_num_seqs: int | None = arg(None, "Max sequences vLLM schedules at once (default: vLLM's).", int)
-    seed: int = arg(0, "Engine seed.")
+    seed: int = arg(0, "Engine seed of DP rank 0; the other ranks derive their own from it.")
     kv_cache_memory_bytes: int | None = arg(None, "KV cache size in bytes (CPU: instead of a GiB env var).", int)
     batch_wait_ms: float = arg(BATCH_WAIT_MS, "When idle, how long the first request waits for others, in ms.")
     max_batch_requests: int = arg(MAX_BATCH_REQUESTS, "Requests admitted per batching round.")
@@ -206,8 +210,9 @@ def parse_args(argv=None):
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
-             499: "ClientClosedRequest", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
+             413: "RequestTooLargeError", 499: "ClientClosedRequest", 500: "InternalServerError",
+             503: "ServiceUnavailableError"}
 
     def __init__(self, message, status=400, param=None):
         super().__init__(message)
@@ -513,14 +518,13 @@ class WeightSyncWorkerExtension:
         import torch
 
         with self._closed_on_error():
-            for bucket in weight_buckets(metas, bucket_bytes):
-                buffer = torch.empty(sum(nbytes for *_, nbytes in bucket), dtype=torch.uint8, device=self.device)
+            for size, tensors in weight_buckets(metas, bucket_bytes):
+                buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
                 self._broadcast(buffer)
-                named, offset = [], 0
-                for name, dtype, shape, nbytes in bucket:
+                named = []
+                for name, dtype, shape, offset, nbytes in tensors:
                     view = buffer[offset:offset + nbytes].view(getattr(torch, dtype.split(".")[-1])).view(shape)
                     named.append((name, view))
-                    offset += nbytes
                 self._load(named)
         return self.close_reload()
 
@@ -537,21 +541,40 @@ class WeightSyncWorkerExtension:
 
 
 def weight_buckets(metas, bucket_bytes):
-    """[{name, dtype, shape}] → buckets of (name, dtype, shape, nbytes); the client packs identically."""
+    """[{name, dtype, shape}] → [(bucket size, [(name, dtype, shape, offset, nbytes)])], in order, a new bucket
+    whenever the next tensor would overflow a non-empty one. Layout WEIGHT_LAYOUT: every tensor is padded
+    to WEIGHT_ALIGN_BYTES. The client packs identically (vllm_client._buckets, _packed)."""
     import torch
 
     buckets, current, size = [], [], 0
     for meta in metas:
         dtype = getattr(torch, meta["dtype"].split(".")[-1])
         nbytes = math.prod(meta["shape"]) * torch.empty((), dtype=dtype).element_size()
-        if current and size + nbytes > bucket_bytes:
-            buckets.append(current)
+        if current and size + padded(nbytes) > bucket_bytes:
+            buckets.append((size, current))
             current, size = [], 0
-        current.append((meta["name"], meta["dtype"], tuple(meta["shape"]), nbytes))
-        size += nbytes
+        current.append((meta["name"], meta["dtype"], tuple(meta["shape"]), size, nbytes))
+        size += padded(nbytes)
     if current:
-        buckets.append(current)
+        buckets.append((size, current))
     return buckets
+
+
+def padded(nbytes):
+    """Bytes a tensor of `nbytes` takes in a weight bucket."""
+    return -(-nbytes // WEIGHT_ALIGN_BYTES) * WEIGHT_ALIGN_BYTES
+
+
+def replica_seed(seed, dp_rank):
+    """The engine seed of DP replica `dp_rank`, derived as vLLM derives one per DP rank (its
+    `set_random_seed`): rank 0 keeps `seed`. Every replica is a DP-rank-0 engine of its own, so with one
+    seed for all, the k-th unseeded request on each rank would draw the same random numbers. Requests
+    with their own `seed` sample from a generator of that seed, on any rank."""
+    import numpy as np
+
+    if dp_rank == 0:
+        return seed
+    return int(np.random.SeedSequence((seed, dp_rank)).generate_state(1)[0])
 
 
 def compact_logprobs(positions):
@@ -584,7 +607,8 @@ class WorkerEngine:
         self.llm = LLM(
             model=args.model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-            kv_cache_dtype=args.kv_cache_dtype, trust_remote_code=args.trust_remote_code, seed=args.seed,
+            kv_cache_dtype=args.kv_cache_dtype, trust_remote_code=args.trust_remote_code,
+            seed=replica_seed(args.seed, dp_rank),
             model_impl=args.vllm_model_impl, max_logprobs=args.max_logprobs, logprobs_mode=args.logprobs_mode,
             worker_extension_cls=f"{MODULE_NAME}.WeightSyncWorkerExtension",
             **{k: v for k, v in optional.items() if v is not None})
@@ -594,7 +618,8 @@ class WorkerEngine:
         import torch
 
         return {"max_model_len": config.max_model_len, "vocab_size": config.get_vocab_size(),
-                "device": "cuda" if torch.cuda.is_available() else "cpu", "pid": os.getpid()}
+                "device": "cuda" if torch.cuda.is_available() else "cpu", "pid": os.getpid(),
+                "quantization": config.quantization}  # method name (e.g. "fp8", "compressed-tensors") or None
 
     def finish_weight_update(self):
         """Load what a per-parameter sync sent; runs before anything that reads the weights."""
@@ -944,7 +969,7 @@ class Batcher:
         self.load = {}  # rank → prompts running there
         self.aborts = {}  # rank → keys of running prompts whose client went away, sent with the next round
         self.aborted = 0  # prompts the workers confirmed aborted in vLLM
-        self.finished = [0] * workers.args.data_parallel_size  # prompts each rank completed, since start
+        self.finished = {}  # rank → prompts it completed, since start
         self.keys = itertools.count()
         self.open = asyncio.Event()  # cleared while a weight sync holds new requests back
         self.open.set()
@@ -1048,7 +1073,7 @@ class Batcher:
                     continue
                 item, index, rank = self.inflight.pop(key)
                 self.load[rank] -= 1
-                self.finished[rank] += 1
+                self.finished[rank] = self.finished.get(rank, 0) + 1
                 item.results[index] = result
                 item.left -= 1
                 if item.left == 0 and not item.future.done():
@@ -1241,7 +1266,8 @@ async def health(request):
         raise APIError("A vLLM worker process is not running.", status=503)
     batcher = state(request).batcher  # prompts now in vLLM, and those aborted because their client went away
     return JSONResponse({"status": "ok", "requests_running": len(batcher.inflight),
-                         "requests_aborted": batcher.aborted, "requests_finished_per_rank": batcher.finished})
+                         "requests_aborted": batcher.aborted, "requests_finished_per_rank": [
+                             batcher.finished.get(rank, 0) for rank in range(state(request).args.data_parallel_size)]})
 
 
 async def get_world_size(request):
@@ -1623,8 +1649,18 @@ def param_meta(server, body):
 TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64"}  # what a trainer holds; vLLM casts on load
 
 
+def check_weight_sync(info):
+    """409 for every weight-sync call into a quantized model (`info`: the workers' `WorkerEngine.info()`):
+    the trainer sends unquantized tensors, and loading them would leave the layers' scales as they were."""
+    if info["quantization"]:
+        raise APIError(f"Weight sync into a quantized model ({info['quantization']}) is not supported: the "
+                       "trainer's tensors would be loaded without their quantization scales. Serve the "
+                       "unquantized checkpoint to train against it.", status=409)
+
+
 async def init_communicator(request):
     server = state(request)
+    check_weight_sync(server.workers.info)
     body = await read_json(request)
     host, port = body.get("host"), body.get("port")
     if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isprintable() or " " in host:
@@ -1644,6 +1680,7 @@ async def init_communicator(request):
 
 async def update_named_param(request):
     server = state(request)
+    check_weight_sync(server.workers.info)
     meta = param_meta(server, await read_json(request))
     server.check_communicator()
     await server.batcher.hold(server.args.weight_sync_timeout)  # released by /reset_prefix_cache
@@ -1653,11 +1690,17 @@ async def update_named_param(request):
 
 async def update_named_params(request):
     server = state(request)
+    check_weight_sync(server.workers.info)
     body = await read_json(request)
     metas = [param_meta(server, p) for p in legacy_list(body, "params")]
     bucket_bytes = body.get("bucket_bytes", WEIGHT_BUCKET_BYTES)
     if not is_int(bucket_bytes) or bucket_bytes < 1:
         raise APIError("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
+    layout = body.get("layout")
+    if not is_int(layout) or layout != WEIGHT_LAYOUT:  # a client without `layout` packs back to back (layout 1)
+        raise APIError(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} bytes in its "
+                       f"bucket), got {json.dumps(layout)}: a client that sends none packs tensors back to back. "
+                       "Use the vllm_client.py that ships with this server.", param="layout")
     server.check_communicator()
     await server.batcher.hold()
     try:  # requests queued meanwhile run after the update: the lock keeps them out until it is done

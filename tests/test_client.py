@@ -206,8 +206,47 @@ def test_client_buckets_match_server_buckets():
     metas = [{"name": n, "dtype": str(t.dtype), "shape": list(t.shape)} for n, t in named]
     for bucket_bytes in (1, 4000, 8192, 1 << 20):
         client = [[id(t) for t in b] for b in vllm_client._buckets(named, bucket_bytes)]
-        server = [[id(dict(named)[m[0]]) for m in b] for b in vllm_serve.weight_buckets(metas, bucket_bytes)]
+        server = [[id(dict(named)[name]) for name, *_ in tensors]
+                  for _, tensors in vllm_serve.weight_buckets(metas, bucket_bytes)]
         assert client == server
+
+
+def test_client_packing_reads_back_exactly_with_the_server_layout():
+    """Mixed dtypes, odd lengths (a bf16 tensor of 5 elements, then an fp32 one): what the client packs, the
+    workers' own unpacking code reads back bit for bit, in buckets of one tensor, of a few, and of all."""
+    import types
+
+    import torch
+
+    import vllm_client
+    import vllm_serve
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5,), (3, 7), (1,), (1000,), (), (2, 3), (33,), (4, 4)]
+    dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.float32, torch.bfloat16,
+              torch.float16, torch.float32]
+    named = [(f"t{i}", torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
+             for i, (shape, dtype) in enumerate(zip(shapes, dtypes))]
+    metas = [{"name": n, "dtype": str(t.dtype), "shape": list(t.shape)} for n, t in named]
+    sent, loaded = [], []
+
+    class Group:  # gloo's broadcast, recorded (the sender reuses its buffers: keep copies)
+        def broadcast(self, tensor, root):
+            sent.append(tensor.clone())
+            return types.SimpleNamespace(wait=lambda: None)
+
+    for bucket_bytes in (1, 48, 200, 1 << 20):
+        loaded.clear()
+        vllm_client._broadcast_buckets(Group(), 1, vllm_client._buckets(named, bucket_bytes), [])
+        worker = vllm_serve.WeightSyncWorkerExtension()
+        worker.device = torch.device("cpu")
+        worker._broadcast = lambda buffer: buffer.copy_(sent.pop(0))  # fails on a size mismatch
+        worker._load = loaded.extend
+        worker.close_reload = lambda: True
+        worker.update_named_params(metas, bucket_bytes)
+        assert not sent and [n for n, _ in loaded] == [n for n, _ in named]
+        for (_, got), (_, want) in zip(loaded, named):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
 
 
 def test_bucket_sender_packs_in_order_and_never_reuses_a_buffer_on_the_wire():
@@ -237,7 +276,8 @@ def test_bucket_sender_packs_in_order_and_never_reuses_a_buffer_on_the_wire():
     for bucket_bytes in (4000, 1, 1 << 20):  # several buckets; one tensor each; then one bucket bigger than before
         group, buckets = Group(), vllm_client._buckets(named, bucket_bytes)
         vllm_client._broadcast_buckets(group, 3, buckets, buffers)
-        expected = [torch.cat([t.view(-1).view(torch.uint8) for t in bucket]) for bucket in buckets]
+        expected = [torch.cat([torch.cat([b, torch.zeros(-b.numel() % 16, dtype=torch.uint8)])  # padded to 16 bytes
+                               for b in (t.view(-1).view(torch.uint8) for t in bucket)]) for bucket in buckets]
         assert len(group.sent) == len(expected) and all(torch.equal(a, b) for a, b in zip(group.sent, expected))
         assert len(buffers) == 2  # kept across syncs, grown when a bucket outgrows them
 

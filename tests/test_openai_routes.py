@@ -366,3 +366,57 @@ def test_data_parallel_2_matches_dp_1_and_uses_both_workers(server, models, star
         assert dp2.get("/get_world_size").json()["world_size"] == 2
     finally:
         assert dp2.stop() == 0
+
+
+# --- data-parallel sampling ------------------------------------------------------------------------------
+
+SAMPLED = {"temperature": 1.0, "max_tokens": 16, "ignore_eos": True, "return_token_ids": True}
+
+
+def test_data_parallel_ranks_sample_apart_and_a_seed_samples_alike(models, start_server, reference_llm):
+    """Each DP replica draws its own random numbers: 16 unseeded requests give 16 completions (with one
+    seed for every replica, the k-th request on each rank repeated the other's). A request's own `seed`
+    gives the same tokens on either rank: those of an in-process engine."""
+    # A 1 s gathering window puts the whole burst in one round: 8 requests per rank, the same batch on
+    # both, so shared random streams would show as repeats instead of being hidden by batch shapes.
+    dp2 = start_server(models["seed0"], "--data_parallel_size", "2", "--batch_wait_ms", "1000", name="dp2-sampling")
+    try:
+        def sample(_):
+            return dp2.post("/v1/completions", {"prompt": PROMPTS[1], **SAMPLED}).json()["choices"][0]["token_ids"]
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            completions = list(pool.map(sample, range(16)))
+        assert len({tuple(c) for c in completions}) == 16, completions
+
+        # Idle, both ranks hold 0 prompts: the batcher sends prompt 0 to rank 0 and prompt 1 to rank 1.
+        assert dp2.get("/health").json()["requests_running"] == 0
+        body = dp2.post("/v1/completions", {"prompt": [PROMPTS[1]] * 2, "seed": 1234, **SAMPLED}).json()
+        (ref,) = reference(reference_llm(models["seed0"]), [PROMPTS[1]], seed=1234, temperature=1.0,
+                           max_tokens=16, ignore_eos=True)
+        assert [c["token_ids"] for c in body["choices"]] == [list(ref.outputs[0].token_ids)] * 2, dump(body)
+    finally:
+        assert dp2.stop() == 0
+
+
+def test_an_idle_batcher_puts_the_prompts_of_one_request_on_different_ranks():
+    """The premise of the seeded check above, on the real Batcher with recording workers."""
+    import asyncio
+
+    import vllm_serve
+
+    class Workers:
+        conns = [None, None]
+
+        async def call_each(self, messages):  # one engine request each, finishing nothing this round
+            self.prompts = {rank: len(message[1][0]) for rank, message in messages.items()}
+            return {rank: [] for rank in messages}
+
+    async def one_round():
+        workers = Workers()
+        batcher = vllm_serve.Batcher(workers, wait_s=0, max_requests=8, round_s=0)
+        item = vllm_serve.Pending(["a", "a"], [None, None], asyncio.get_running_loop().create_future(), [None] * 2, 2)
+        await batcher.round([item])
+        return workers.prompts, {index: rank for _, index, rank in batcher.inflight.values()}
+
+    prompts, rank_of = asyncio.run(one_round())
+    assert prompts == {0: 1, 1: 1} and rank_of == {0: 0, 1: 1}

@@ -197,3 +197,105 @@ def test_weight_sync_input_errors(server):
         VLLMClient(base_url=server.url, connection_timeout=30).update_named_params([])
     assert info.value.status_code in (400, 409)
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def int8_checkpoint(model_dir, out_dir):
+    """A W8A8 int8 copy of a tiny model in compressed-tensors format: int8 linear weights with a scale per
+    output channel. One of the quantized formats vLLM's CPU build serves (its fp8 paths need AMX)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.copytree(model_dir, out_dir)
+    tensors = {}
+    for name, tensor in checkpoint(model_dir):
+        if name.endswith("_proj.weight"):  # attention and MLP linears; embeddings, norms and lm_head stay float32
+            scale = tensor.abs().amax(dim=1, keepdim=True) / 127
+            tensors[name] = torch.round(tensor / scale).to(torch.int8)
+            tensors[name.removesuffix("weight") + "weight_scale"] = scale
+        else:
+            tensors[name] = tensor
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True}
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"], "config_groups": {"group_0": {
+            "targets": ["Linear"], "weights": {**int8, "strategy": "channel", "dynamic": False},
+            "input_activations": {**int8, "strategy": "token", "dynamic": True}}}}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+def test_weight_sync_into_a_quantized_model_is_refused(models, start_server, tmp_path):
+    """Until scales are synced too, every weight-sync call into a quantized model gets a 409 saying why,
+    before anything reaches the workers: generation goes on with the served weights."""
+    model = int8_checkpoint(pathlib.Path(models["seed0"]), tmp_path / "int8")
+    server = start_server(str(model), "--weight_sync_timeout", "30", name="sync-int8")
+    try:
+        served = greedy(server)
+        meta = {"name": "model.norm.weight", "dtype": "torch.float32", "shape": [128]}
+        for path, body in [("/init_communicator", {"host": "127.0.0.1", "port": free_port(), "world_size": 2,
+                                                   "client_device_uuid": "cpu"}),
+                           ("/update_named_param", meta), ("/update_named_params", {"params": [meta]})]:
+            response = server.post(path, body)
+            assert response.status_code == 409, (path, response.text)
+            error = response.json()["error"]
+            assert error["type"] == "ConflictError" and "quantized model (compressed-tensors)" in error["message"]
+        with pytest.raises(VLLMClientError) as info:
+            connect(server)  # what a trainer sees
+        assert info.value.status_code == 409
+        assert greedy(server) == served
+    finally:
+        server.stop()
+
+
+def odd_width_models(root):
+    """Two tiny models of hidden size 97 (3 heads of 32; vLLM's Qwen2 takes head_dim = hidden // heads),
+    whose norm weights hold 97 elements: sent as bf16 one takes 194 bytes, which leaves the fp32 tensor
+    after it 2 bytes off a 4-byte boundary unless the bucket pads. Every weight of the second model is
+    bf16-exact (norms perturbed so that they matter), so sending any of them as bf16 loses nothing."""
+    import tiny_model
+    import torch
+    from safetensors.torch import save_file
+
+    first, second = (tiny_model.build(root / f"odd{seed}", seed=seed, hidden_size=97) for seed in (0, 1))
+    gen = torch.Generator().manual_seed(1)
+    exact = {name: (t + 0.3 * torch.randn(t.shape, generator=gen) if "norm" in name else t).bfloat16().float()
+             for name, t in checkpoint(second)}
+    save_file(exact, str(second / "model.safetensors"), metadata={"format": "pt"})
+    return str(first), str(second)
+
+
+def test_mixed_dtype_buckets_sync_exactly_and_another_layout_is_refused(start_server, reference_llm, tmp_path):
+    """A bucket holding odd-length bf16 tensors between fp32 ones loads exactly (greedy ids equal a fresh
+    engine's). A body without `layout: 2` (an old client, whose buckets are unpadded) or with another
+    value gets a 400 before any broadcast; the server stays healthy and the next correct sync works.
+    One server for both: a start costs more than either check."""
+    import torch
+
+    first, second = odd_width_models(tmp_path)
+    refs = {path: greedy_ids(reference_llm(path), PROMPTS, MAX_TOKENS) for path in (first, second)}
+    assert refs[first] != refs[second]
+    server = start_server(first, "--weight_sync_timeout", "60", name="sync-odd")
+    try:
+        assert greedy(server) == refs[first]
+        client = connect(server)
+        mixed = [(name, t.bfloat16() if "norm" in name else t) for name, t in checkpoint(second)]
+        assert any(a.dtype == torch.bfloat16 and a.numel() % 2 and b.dtype != a.dtype
+                   for (_, a), (_, b) in zip(mixed, mixed[1:]))  # the case the padding is for
+        client.update_named_params(mixed)  # one bucket
+        assert greedy(server) == refs[second]
+
+        metas = [{"name": name, "dtype": str(t.dtype), "shape": list(t.shape)} for name, t in checkpoint(first)]
+        for extra in ({}, {"layout": 1}, {"layout": "2"}, {"layout": 3}):
+            response = server.post("/update_named_params", {"params": metas, **extra})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "layout", response.text
+        assert server.get("/health").json()["requests_running"] == 0
+        client.update_named_params(checkpoint(first), bucket_bytes=100_000)  # several buckets
+        assert greedy(server) == refs[first]
+        client.close_communicator()
+    finally:
+        server.stop()
