@@ -30,7 +30,9 @@ An update waits until running requests finish and holds new ones meanwhile: no r
 Limits
     Replicas are independent copies (dense models); `--tensor-parallel-size` splits each one. vLLM's
     multi-node and multi-front-end layout flags are refused (REFUSED_FLAGS). Development routes
-    (collective_rpc, sleep, ...) are never served, whatever VLLM_SERVER_DEV_MODE says.
+    (collective_rpc, sleep, ...) are never served, whatever VLLM_SERVER_DEV_MODE says; nor are LoRA
+    adapters, pooling models or profiling. `/v1` clamps a `max_tokens` that does not fit, as stock;
+    the legacy routes answer it with 400, as TRL's server did.
 
 Contents
     Constants · Configuration · Replica process · Replicas, rounds, weight-sync state · The engine
@@ -713,15 +715,22 @@ class Replicas:
         return found
 
     async def watch(self):
-        """Returns once a replica died, after stopping the engine processes it left behind (they would hold
-        the accelerator's memory)."""
+        """Returns once a replica died; until then keeps `engine_processes` current, so that those a dead
+        replica leaves behind can be stopped."""
         while True:
             found = await asyncio.to_thread(self.find_engine_processes)
             if not self.alive():  # one that died while we looked may have lost its children already
-                break
+                return
             self.engine_processes = found
             await asyncio.sleep(REPLICA_POLL_S)
-        await asyncio.to_thread(stop_processes, self.engine_processes)
+
+    async def died(self):
+        """After a failed exchange: whether a replica is dead (its pipe breaks a moment before its exit shows)."""
+        for _ in range(int(REPLICA_POLL_S / 0.05)):
+            if not self.alive():
+                return True
+            await asyncio.sleep(0.05)
+        return False
 
     def stop(self, timeout=REPLICA_STOP_TIMEOUT_S):
         """Ask every replica to shut its engine down and exit; then stop whatever a killed or hung one
@@ -840,9 +849,13 @@ class Batcher:
             await self.next_round()
             try:
                 await self.round()
-            except Exception as exc:  # a dead replica or a broken pipe: fail what was in flight, keep serving
+            except Exception as exc:
                 logger.error("generation round failed: %s", exc)
-                for key, pending in list(self.pending.items()):
+                if await self.replicas.died():  # every request fails from now on, /health included
+                    self.fail_all(RetryableRequestError(f"{exc}. A vLLM replica process died; the server is "
+                                                        "exiting for its supervisor to restart it."))
+                    return
+                for key, pending in list(self.pending.items()):  # fail what was in flight, keep serving
                     if pending.sent:
                         pending.collector.put(RetryableRequestError(str(exc)))
                         del self.pending[key]
@@ -1667,9 +1680,10 @@ async def build(args, server: Server, parent_config):
 
 
 async def supervise(server: Server):
-    """A dead replica: requests in flight and later ones get 503 at once, /health answers 503, then the
-    server exits with status 1 for its supervisor. A SIGTERM: after --shutdown-timeout, whatever still runs
-    gets a 503 (and is aborted), so uvicorn's own deadline finds every connection answered."""
+    """A dead replica: requests in flight and later ones get 503 at once, /health answers 503, the engine
+    processes it left behind are stopped (they would hold the accelerator's memory), then the server exits
+    with status 1 for its supervisor. A SIGTERM: after --shutdown-timeout, whatever still runs gets a 503
+    (and is aborted), so uvicorn's own deadline finds every connection answered."""
     watch = asyncio.create_task(server.replicas.watch())
     while not watch.done() and not server.uvicorn_server.should_exit:
         await asyncio.wait({watch}, timeout=0.1)
@@ -1677,9 +1691,11 @@ async def supervise(server: Server):
         logger.error("a vLLM replica died; exiting with status 1 in %.0f s so a supervisor restarts the server",
                      REPLICA_DEATH_GRACE_S)
         server.exit_code = 1
-        server.batcher.fail_all(RetryableRequestError(
-            "A vLLM replica process died; the server is exiting for its supervisor to restart it."))
-        await asyncio.sleep(REPLICA_DEATH_GRACE_S)
+        if server.batcher.failure is None:  # else the batcher saw it first, from a broken pipe
+            server.batcher.fail_all(RetryableRequestError(
+                "A vLLM replica process died; the server is exiting for its supervisor to restart it."))
+        await asyncio.gather(asyncio.to_thread(stop_processes, server.replicas.engine_processes),
+                             asyncio.sleep(REPLICA_DEATH_GRACE_S))
         server.uvicorn_server.should_exit = True
         return
     watch.cancel()

@@ -43,7 +43,7 @@ def test_layout_flags_that_cannot_hold_over_one_pool_are_refused(models, flags, 
 
 
 def test_yaml_config_exports_env_and_sets_flags(models, tmp_path, monkeypatch):
-    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "")  # recorded as unset, so the config's export is undone afterwards
     config = tmp_path / "serve.yaml"
     config.write_text(json.dumps({"model": models["seed0"], "max-model-len": 256,
                                   "env": {"VLLM_API_KEY": "from-config"}}))  # JSON is YAML
