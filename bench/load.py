@@ -5,6 +5,7 @@ tokens whatever the (random) model says, and the token counts match between serv
 """
 
 import asyncio
+import json
 import random
 import time
 
@@ -78,6 +79,38 @@ async def _chat_burst(base_url, convs, max_tokens):
 def chat_burst(base_url, convs, max_tokens):
     """All conversations at once, one request each → tokens/s over the wall time, p50/p99 latency."""
     return asyncio.run(_chat_burst(base_url, convs, max_tokens))
+
+
+async def _stream_burst(base_url, convs, max_tokens):
+    async with _session(len(convs)) as session:
+        async def one(messages):
+            start, first, tokens = time.perf_counter(), None, 0
+            body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 1.0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            async with session.post(base_url + "/v1/chat/completions", json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"stream → {response.status}: {(await response.text())[:500]}")
+                async for line in response.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(line[len(b"data: "):])
+                    if first is None and any((c.get("delta") or {}).get("content") for c in chunk["choices"]):
+                        first = time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            return first, tokens
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(m) for m in convs))
+        wall = time.perf_counter() - start
+    tokens = sum(t for _, t in results)
+    return {"wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall,
+            "ttft_p50_s": percentile([f for f, _ in results if f is not None], 50)}
+
+
+def stream_burst(base_url, convs, max_tokens):
+    """All conversations at once, streamed → tokens/s over the wall time, median time to the first content."""
+    return asyncio.run(_stream_burst(base_url, convs, max_tokens))
 
 
 async def _multi_turn(base_url, plan):

@@ -16,6 +16,7 @@ Scenarios (numbers: flags below)
   4 latency  sequential 1-token completions, median latency: ours vs stock
   5 sync     push every weight of a ~0.5B model: per-param vs batched vs raw gloo (bench/weight_sync.py)
   6 scaling  scenario 1 on our server with --data_parallel_size 1 vs 2
+  7 streams  N concurrent streamed chats: tokens/s and median time to the first content token, ours vs stock
 
 Method: per model, every engine (ours dp1, ours dp2, stock, in-process) is started at once and stays
 up for the whole phase (an idle engine takes under 1% CPU). Each scenario first warms every target, then runs
@@ -45,14 +46,14 @@ import load  # noqa: E402
 from common import RESULTS, InProcess, log, median  # noqa: E402
 
 PROFILES = {
-    "full": dict(models="tiny,medium", repeats=3, chat_n=64, chat_tokens=64, turns_n=16, turns=4, turn_min=8,
+    "full": dict(models="tiny,medium", repeats=3, chat_n=64, chat_tokens=64, streams_n=64, streams_tokens=64, turns_n=16, turns=4, turn_min=8,
                  turn_max=128, legacy_n=256, legacy_tokens=32, latency_n=50, sync_model="large", sync_repeats=2,
                  compute_scale=0.375),
-    "quick": dict(models="tiny", repeats=1, chat_n=16, chat_tokens=16, turns_n=8, turns=3, turn_min=8,
+    "quick": dict(models="tiny", repeats=1, chat_n=16, chat_tokens=16, streams_n=16, streams_tokens=16, turns_n=8, turns=3, turn_min=8,
                   turn_max=32, legacy_n=64, legacy_tokens=8, latency_n=10, sync_model="tiny", sync_repeats=1,
                   compute_scale=0.375),
 }
-SCENARIOS = ("chat", "turns", "legacy", "latency", "sync", "scaling")
+SCENARIOS = ("chat", "turns", "legacy", "latency", "sync", "scaling", "streams")
 KV_BYTES = {"tiny": 256 << 20, "small": 64 << 20, "medium": 1 << 30, "large": 128 << 20}
 MAX_MODEL_LEN = 2048
 SYNC_MAX_MODEL_LEN = 256  # the weight-sync model only needs to start
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     add("repeats", int, "measured rounds per scenario and target")
     add("chat_n", int, "[1,6] concurrent chat requests")
     add("chat_tokens", int, "[1,6] max_tokens per chat request")
+    add("streams_n", int, "[7] concurrent streamed chats")
+    add("streams_tokens", int, "[7] max_tokens per streamed chat")
     add("turns_n", int, "[2] concurrent conversations")
     add("turns", int, "[2] turns per conversation")
     add("turn_min", int, "[2] smallest max_tokens of a turn")
@@ -127,7 +130,7 @@ def summarize(per_round, fields):
 # ------------------------------------------------------------------------------------------------
 
 
-SIZED = ("chat_n", "chat_tokens", "turns_n", "turn_min", "turn_max", "legacy_n", "legacy_tokens")
+SIZED = ("chat_n", "chat_tokens", "streams_n", "streams_tokens", "turns_n", "turn_min", "turn_max", "legacy_n", "legacy_tokens")
 
 
 def workload(args, model_name):
@@ -141,9 +144,9 @@ def run_model_phase(model_name, args, results):
     path = common.model_path(model_name)
     kv, want = KV_BYTES[model_name], set(args.only)
     procs = {}
-    if want & {"chat", "turns", "legacy", "latency", "scaling"} or args.sync_model == model_name:
+    if want & {"chat", "turns", "legacy", "latency", "scaling", "streams"} or args.sync_model == model_name:
         procs["ours"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
-    if want & {"chat", "turns", "legacy", "latency"}:
+    if want & {"chat", "turns", "legacy", "latency", "streams"}:
         procs["stock"] = common.server("stock", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"chat", "legacy"}:
         procs["inprocess"] = InProcess(path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
@@ -173,6 +176,13 @@ def run_model_phase(model_name, args, results):
             scenarios["chat"] = guarded(lambda: rounds(f"chat/{model_name}", targets, chat, args.repeats,
                                                        warmup=lambda k, t: chat(k, t, min(4, args.chat_tokens))),
                                         f"chat on {model_name}")
+
+        if "streams" in want:
+            stream_convs = load.conversations(args.streams_n, seed=3)
+            targets = {k: procs[k] for k in ("ours", "stock")}
+            scenarios["streams"] = guarded(lambda: rounds(
+                f"streams/{model_name}", targets, lambda k, t: load.stream_burst(t.url, stream_convs, args.streams_tokens),
+                args.repeats, warmup=lambda k, t: load.stream_burst(t.url, stream_convs, 2)), f"streams on {model_name}")
 
         if "turns" in want:
             plan = load.turn_plan(args.turns_n, args.turns, args.turn_min, args.turn_max)
@@ -285,17 +295,19 @@ def ratio_rows(results):
         med |= {name: summarize(v, ("tokens_per_s", "wall_s")) for name, v in s.items()
                 if name == "turns" and "error" not in v}
         med |= {name: summarize(v, ("p50_s", "p99_s")) for name, v in s.items() if name == "latency" and "error" not in v}
+        med |= {name: summarize(v, ("tokens_per_s", "ttft_p50_s")) for name, v in s.items()
+                if name == "streams" and "error" not in v}
         get = lambda name, key, field: med.get(name, {}).get(key, {}).get(field)  # noqa: E731
         add("1 chat", model, "tokens/s ours / stock", get("chat", "ours", "tokens_per_s"),
-            get("chat", "stock", "tokens_per_s"), 1.0)
+            get("chat", "stock", "tokens_per_s"), 0.97)
         add("1 chat", model, "tokens/s ours / in-process", get("chat", "ours", "tokens_per_s"),
-            get("chat", "inprocess", "tokens_per_s"), 0.8)
+            get("chat", "inprocess", "tokens_per_s"), 0.9)
         add("1 chat", model, "p50 latency ours / stock", get("chat", "ours", "p50_s"), get("chat", "stock", "p50_s"),
             better="lower")
         add("1 chat", model, "p99 latency ours / stock", get("chat", "ours", "p99_s"), get("chat", "stock", "p99_s"),
             better="lower")
         add("2 multi-turn", model, "tokens/s ours / stock", get("turns", "ours", "tokens_per_s"),
-            get("turns", "stock", "tokens_per_s"), 1.0)
+            get("turns", "stock", "tokens_per_s"), 0.97)
         add("2 multi-turn", model, "wall time ours / stock", get("turns", "ours", "wall_s"),
             get("turns", "stock", "wall_s"), better="lower")
         add("3 legacy generate", model, "tokens/s ours / in-process", get("legacy", "ours", "tokens_per_s"),
@@ -306,6 +318,10 @@ def ratio_rows(results):
             get("latency", "stock", "p50_s"), 1.0, better="lower")
         add("4 per-request latency", model, "p99 ours / stock", get("latency", "ours", "p99_s"),
             get("latency", "stock", "p99_s"), better="lower")
+        add("7 streams", model, "tokens/s ours / stock", get("streams", "ours", "tokens_per_s"),
+            get("streams", "stock", "tokens_per_s"), 0.97)
+        add("7 streams", model, "time to first token p50 ours / stock", get("streams", "ours", "ttft_p50_s"),
+            get("streams", "stock", "ttft_p50_s"), 1.1, better="lower")
         add("6 scaling", model, "chat tokens/s dp2 / dp1", get("chat", "ours_dp2", "tokens_per_s"),
             get("chat", "ours", "tokens_per_s"))
     sync = results.get("sync")

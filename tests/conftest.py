@@ -47,10 +47,10 @@ def start_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(models, start_server):
-    """The standard tiny server: DP 1, hermes tool parser, auto tool choice, and vLLM's production layout
-    (EngineCore in its own process: the worker overlaps batching rounds with engine steps)."""
+    """The standard tiny server: DP 1, hermes tool parser, auto tool choice, request chat templates allowed, and
+    vLLM's production layout (EngineCore in its own process: the replica overlaps rounds with engine steps)."""
     srv = start_server(models["seed0"], "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                       env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+                       "--trust-request-chat-template", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     yield srv
     assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
 

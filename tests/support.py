@@ -427,7 +427,7 @@ def rss_by_process(pid):
         try:
             cmdline = " ".join(process.cmdline())
             label = ("server" if process.pid == pid else "tracker" if "resource_tracker" in cmdline
-                     else "dp-worker" if "spawn_main" in cmdline else process.name())
+                     else "replica" if "spawn_main" in cmdline else process.name())
             found[f"{label}#{sum(k.startswith(label) for k in found)}"] = process.memory_info().rss
         except psutil.Error:
             pass

@@ -206,7 +206,7 @@ def test_named_and_required_tool_choice_give_valid_arguments(server, tool_choice
     assert choice.finish_reason == ("tool_calls" if tool_choice == "required" else "stop")
     call = choice.message.tool_calls[0]
     assert call.function.name == "get_weather"
-    assert isinstance(json.loads(call.function.arguments).get("city"), str)
+    json.loads(call.function.arguments)  # JSON, whatever a random model puts in it (test_differential: as stock)
 
 
 def test_tools_render_into_the_prompt_and_mix_in_one_batch(server, models, tokenizer):
@@ -276,30 +276,30 @@ def png_data_uri():
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-BAD_COMPLETIONS = [
+BAD_COMPLETIONS = [  # (body, the `param` stock's answer names); tests/test_differential.py compares the rest
     ({"prompt": "", "max_tokens": 4}, "prompt"),
-    ({"prompt": [], "max_tokens": 4}, "prompt"),
+    ({"prompt": [], "max_tokens": 4}, None),
     ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 0}, None),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "n": 0}, None),
-    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
-    ({"prompt": "x", "temperature": "hot"}, "temperature"),
-    ({"prompt": "x " * 600, "max_tokens": 4}, "prompt"),
-    ({"prompt": "x", "max_tokens": 10 ** 6}, "prompt"),
-    ({"prompt": [10 ** 9], "max_tokens": 4}, "prompt"),
-    ({"prompt": "x", "logprobs": -5}, None),
+    ({"prompt": "x", "max_tokens": "many"}, "body.max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, "body.temperature"),
+    ({"prompt": "x " * 600, "max_tokens": 4}, "input_tokens"),
+    ({"prompt": "x", "max_tokens": 10 ** 6}, "max_tokens"),
+    ({"prompt": [10 ** 9], "max_tokens": 4}, None),
+    ({"prompt": "x", "logprobs": -5}, "logprobs"),
     ({"prompt": "x", "structured_outputs": {"regex": "("}}, None),
     ({"prompt": 12}, None),
 ]
 BAD_CHATS = [
     ({"messages": []}, None),
-    ({"messages": "hi"}, "messages"),
+    ({"messages": "hi"}, "body.messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, None),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 10 ** 6, "logprobs": True}, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 10 ** 6, "logprobs": True}, "logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-     "messages"),
+     None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]},
-     "messages"),
+     None),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER_TOOL],
       "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None),
 ]
@@ -388,35 +388,95 @@ def test_data_parallel_ranks_sample_apart_and_a_seed_samples_alike(models, start
             completions = list(pool.map(sample, range(16)))
         assert len({tuple(c) for c in completions}) == 16, completions
 
-        # Idle, both ranks hold 0 prompts: the batcher sends prompt 0 to rank 0 and prompt 1 to rank 1.
-        assert dp2.get("/health").json()["requests_running"] == 0
-        body = dp2.post("/v1/completions", {"prompt": [PROMPTS[1]] * 2, "seed": 1234, **SAMPLED}).json()
+        # The X-data-parallel-rank header pins a request to a replica: the same seeded request on each.
         (ref,) = reference(reference_llm(models["seed0"]), [PROMPTS[1]], seed=1234, temperature=1.0,
                            max_tokens=16, ignore_eos=True)
-        assert [c["token_ids"] for c in body["choices"]] == [list(ref.outputs[0].token_ids)] * 2, dump(body)
+        before = dp2.health()["requests_finished_per_rank"]
+        for rank in (0, 1):
+            body = dp2.post("/v1/completions", {"prompt": PROMPTS[1], "seed": 1234, **SAMPLED},
+                            headers={"X-data-parallel-rank": str(rank)}).json()
+            assert body["choices"][0]["token_ids"] == list(ref.outputs[0].token_ids), dump(body)
+        after = dp2.health()["requests_finished_per_rank"]
+        assert [a - b for a, b in zip(after, before)] == [1, 1]
+        response = dp2.post("/v1/completions", {"prompt": PROMPTS[1], **SAMPLED}, headers={"X-data-parallel-rank": "2"})
+        assert response.status_code == 400 and "out of range" in response.json()["error"]["message"], response.text
     finally:
         assert dp2.stop() == 0
 
 
-def test_an_idle_batcher_puts_the_prompts_of_one_request_on_different_ranks():
-    """The premise of the seeded check above, on the real Batcher with recording workers."""
+def test_requests_without_a_rank_go_to_the_least_loaded_replica_and_one_with_a_rank_goes_there():
+    """The Batcher's placement on its own (a stand-in for the replica processes): unpinned requests fill the
+    emptier replica first, a pinned one lands where it was sent, and a cancelled one frees its slot."""
     import asyncio
+    import types
 
     import vllm_serve
 
-    class Workers:
-        conns = [None, None]
+    async def place():  # in a loop: the Batcher's events belong to one
+        batcher = vllm_serve.Batcher([None, None], wait_s=0, round_s=0)  # two stand-in replicas: only a count
+        request = lambda key: types.SimpleNamespace(request_id=key)  # noqa: E731
+        for key, rank in [("a", None), ("b", None), ("c", None), ("d", 1), ("e", None)]:
+            batcher.submit(key, request(key), "", rank, collector=None)
+        placed = {key: p.rank for key, p in batcher.pending.items()}
+        batcher.cancel("b")
+        batcher.submit("f", request("f"), "", None, collector=None)
+        return placed, batcher.pending["f"].rank, [[r.request_id for r, _ in batcher.queued[k]] for k in (0, 1)]
 
-        async def call_each(self, messages):  # one engine request each, finishing nothing this round
-            self.prompts = {rank: len(message[1][0]) for rank, message in messages.items()}
-            return {rank: [] for rank in messages}
+    placed, refilled, queued = asyncio.run(place())
+    assert placed == {"a": 0, "b": 1, "c": 0, "d": 1, "e": 0} and refilled == 1
+    assert queued == [["a", "c", "e"], ["d", "f"]]  # "b" left the queue unsent
 
-    async def one_round():
-        workers = Workers()
-        batcher = vllm_serve.Batcher(workers, wait_s=0, max_requests=8, round_s=0)
-        item = vllm_serve.Pending(["a", "a"], [None, None], asyncio.get_running_loop().create_future(), [None] * 2, 2)
-        await batcher.round([item])
-        return workers.prompts, {index: rank for _, index, rank in batcher.inflight.values()}
 
-    prompts, rank_of = asyncio.run(one_round())
-    assert prompts == {0: 1, 1: 1} and rank_of == {0: 0, 1: 1}
+# --- vLLM's app through the official SDK, and /metrics -----------------------------------------------------
+
+
+def test_sdk_streams_token_by_token(long_server):
+    """The first content chunk arrives while /health still counts the request as running: the stream is
+    sent as the tokens come, not once the request is done (it cannot be: it is unending)."""
+    client = openai.OpenAI(base_url=long_server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=HANG_S)
+    body = unending()
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                            max_tokens=body["max_tokens"] - 64, temperature=1.0,
+                                            extra_body={"ignore_eos": True})
+    try:
+        first = next(chunk for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+        assert first.choices[0].finish_reason is None
+        assert long_server.health()["requests_running"] == 1
+    finally:
+        stream.close()
+    long_server.wait_for_health(lambda h: h["requests_running"] == 0)  # closing it aborted it
+
+
+def test_sdk_stream_helper_fires_tool_call_events(server):
+    """The openai SDK's stream helper sees the tool call as stock streams it: its arguments' done event, with
+    the whole arguments, for the (last) call."""
+    regex = forced_tool_call_regex("get_weather", {"city": "Paris"})
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=HANG_S)
+    with client.chat.completions.stream(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
+                                        tools=[WEATHER_TOOL], tool_choice="auto", max_tokens=64, temperature=0,
+                                        extra_body={"structured_outputs": {"regex": regex}}) as stream:
+        done = [event for event in stream if event.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert [(e.name, json.loads(e.arguments)) for e in done] == [("get_weather", {"city": "Paris"})]
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_sdk_responses_create_and_stream(server, models, reference_llm, tokenizer):
+    """/v1/responses, the OpenAI Agents SDK's default route: the same greedy text plain and streamed, equal to
+    an in-process engine's on the rendered prompt."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=HANG_S)
+    kwargs = dict(model="tiny", input="What is 2 + 2?", max_output_tokens=8, temperature=0)
+    response = client.responses.create(**kwargs)
+    streamed = "".join(e.delta for e in client.responses.create(**kwargs, stream=True)
+                       if e.type == "response.output_text.delta")
+    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": "What is 2 + 2?"}])
+    (ref,) = reference(reference_llm(models["seed0"]), [prompt], temperature=0, max_tokens=8)
+    assert response.output_text == streamed == ref.outputs[0].text
+
+
+def test_metrics_show_the_replicas_engine_metrics(server):
+    before = server.get("/metrics").text
+    server.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 3, **GREEDY})
+    text = server.get("/metrics").text
+    tokens = [line for line in text.splitlines() if line.startswith("vllm:generation_tokens_total")]
+    assert tokens and float(tokens[0].split()[-1]) >= 3, (tokens, before.count("vllm:"))

@@ -38,8 +38,8 @@ PROMPTS = support.PROMPTS[:3]
 CHAT = support.CHATS[0]
 MAX_TOKENS = 8
 CASE_TIMEOUT_S = 60  # one fuzz case; longer is a hang
-BODYLESS_ROUTES = {"/reset_prefix_cache", "/close_communicator"}  # never read a body: a chunked one (no declared
-#                  length to refuse) is left unread and dropped with the connection, so it costs no memory
+BODYLESS_ROUTES = {"/reset_prefix_cache", "/close_communicator", "/metrics", "/ping", "/load", "/version"}  # read
+#                  no body: any POST answers 200
 FUZZ_EXAMPLES = {"generation": 160, "weight_sync": 60, "raw_http": 60}
 FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                      suppress_health_check=list(HealthCheck))
@@ -102,11 +102,13 @@ def log_size(server):
 # ------------------------------------------------------------------------------------------------
 
 def every_route():
-    """(method, path) of every route the server declares, so a route added later is covered too."""
-    return [(method, route.path) for route in vllm_serve.routes for method in sorted(route.methods - {"HEAD"})]
+    """(method, path) of every route the server serves (ours, and vLLM's on its allow-list, both methods), so
+    a route added later is covered too."""
+    ours = [(method, route.path) for route in vllm_serve.ROUTES for method in sorted(route.methods - {"HEAD"})]
+    return ours + [(method, path) for path in sorted(vllm_serve.VLLM_ROUTES) for method in ("GET", "POST")]
 
 
-def test_every_route_but_health_requires_the_key(server, expected):
+def test_every_route_but_the_probes_requires_the_key(server, expected):
     wrong = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": API_KEY},
              {"Authorization": f"bearer {API_KEY}"}, {"Authorization": f"Bearer {API_KEY}x"},
              {"Authorization": f"Bearer {API_KEY[:-1]}"}, {"X-API-Key": API_KEY}]
@@ -115,16 +117,18 @@ def test_every_route_but_health_requires_the_key(server, expected):
               "/update_named_param": {"name": "model.norm.weight", "dtype": "torch.float32", "shape": [128]}}
     routes = every_route()
     assert len(routes) >= 20 and ("POST", "/update_named_params/") in routes
+    served_gets = {"/health", "/health/", "/get_world_size", "/get_world_size/", "/v1/models", "/version", "/load",
+                   "/ping", "/metrics", "/openapi.json"}
     for method, path in [*routes, ("GET", "/no/such/route"), ("POST", "/v1/embeddings")]:
         for headers in wrong:
             response = requests.request(method, server.url + path, json=bodies.get(path.rstrip("/"), {}),
                                         headers=headers, timeout=30)
-            if path.rstrip("/") == "/health":
-                assert response.status_code == 200, (path, headers)
+            if path.rstrip("/") in vllm_serve.OPEN_PATHS:  # probes and scrapers
+                assert response.status_code in (200, 405), (path, headers)
             else:  # an unknown route too: nothing is revealed without the key
                 assert_error_shape(response, 401)
                 assert response.json()["error"]["type"] == "AuthenticationError"
-        if method == "GET" and path in dict(routes).values():  # with the key: served
+        if method == "GET" and path in served_gets:  # with the key: served
             assert requests.get(server.url + path, headers=AUTH, timeout=30).status_code == 200, path
     assert_error_shape(requests.get(server.url + "/no/such/route", headers=AUTH, timeout=30), 404)
     assert_no_weight_sync_group(server)
@@ -172,17 +176,12 @@ def test_exposure_decision(host, api_key, exposed):
     assert vllm_serve.exposed_without_key(host, api_key) is exposed
 
 
-def test_exposure_warning_is_logged_without_binding(monkeypatch, caplog):
-    """serve() with uvicorn's run stubbed: the warning line is checked and no socket is ever opened."""
-    ran = []
-    monkeypatch.setattr(vllm_serve.uvicorn.Server, "run", lambda self, *a, **k: ran.append(self.config.host))
+def test_exposure_warning_is_logged(caplog):
     for host, api_key, warned in [("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False)]:
         caplog.clear()
-        stub = types.SimpleNamespace(args=vllm_serve.ServeArgs(model="m", host=host, api_key=api_key), exit_code=0)
         with caplog.at_level("WARNING", logger="vllm_serve"):
-            assert vllm_serve.serve(stub) == 0
+            vllm_serve.warn_if_exposed(types.SimpleNamespace(host=host, port=8000, api_key=api_key))
         assert any("without --api-key" in r.getMessage() for r in caplog.records) is warned, (host, api_key)
-    assert ran == ["0.0.0.0", "0.0.0.0", "127.0.0.1"]
 
 
 def test_body_cap_answers_413_with_content_length_and_chunked(server, expected):
@@ -626,8 +625,8 @@ def test_load_100_requests_at_concurrency_32(server, models, reference_llm, toke
 # Destructive faults, each on its own server: a worker killed mid-batch, SIGTERM
 # ------------------------------------------------------------------------------------------------
 
-def worker_process(server):
-    """The DP worker: the server's direct child that multiprocessing spawned (not its resource tracker)."""
+def replica_process(server):
+    """The replica process: the server's direct child that multiprocessing spawned (not its resource tracker)."""
     (worker,) = [p for p in psutil.Process(server.proc.pid).children()
                  if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
     return worker
@@ -670,16 +669,16 @@ def test_worker_killed_mid_batch_fails_fast_and_exits_nonzero(models, start_serv
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     assert len(tree) >= 3, tree  # resource tracker, worker, engine core (+ its model worker)
     try:
-        worker, answers = worker_process(server), {}
+        replica, answers = replica_process(server), {}
         threads = [in_flight(server, endless(PROMPTS[i], n=1024), answers, i) for i in range(3)]
         server.wait_for_health(lambda h: h["requests_running"] == 3)  # all three in the engine
-        worker.send_signal(signal.SIGKILL)
+        replica.send_signal(signal.SIGKILL)
         for thread in threads:
             thread.join(HANG_S)
         assert len(answers) == 3, answers
         for status, text in answers.values():
-            assert status == 503 and "worker" in json.loads(text)["error"]["message"], (status, text)
-        # until it exits (vllm_serve.WORKER_DEATH_GRACE_S later), anything else gets a 503 too
+            assert status == 503 and "replica" in json.loads(text)["error"]["message"], (status, text)
+        # from then until it exits (vllm_serve.REPLICA_DEATH_GRACE_S later), anything else gets a 503 too
         for response in [call_or_none(server, "GET", "/health"),
                          call_or_none(server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})]:
             assert response is None or assert_error_shape(response, 503) is None
@@ -711,7 +710,11 @@ def test_sigterm_lets_a_running_request_finish_then_exits_cleanly(models, start_
     status, text = answers["running"]
     chunks = [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: {")]
     assert status == 200 and text.rstrip().endswith("data: [DONE]"), text[-500:]
-    assert [c["choices"][0]["token_ids"] for c in chunks] == reference
+    tokens = [[] for _ in reference]  # a stream's chunks carry the tokens of its choices as they come
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            tokens[choice["index"]] += choice["token_ids"] or []
+    assert tokens == reference
     _, alive = psutil.wait_procs(tree, timeout=support.STOP_TIMEOUT_S)
     assert not alive, [(p.pid, p.name()) for p in alive]
 

@@ -1,0 +1,64 @@
+"""The command line: vLLM's own parser (every `vllm serve` flag), TRL 1.9's spellings, this server's defaults
+and flags, the refused layout flags, a YAML `--config` with an `env:` mapping, and the configs it builds
+(the parent reports N replicas; each replica's engine has data-parallel size 1 and its own seed)."""
+
+import json
+
+import pytest
+
+import vllm_serve
+
+
+def test_trl_command_line_keeps_working(models):
+    args = vllm_serve.parse_args([
+        "--model", models["seed0"], "--tensor_parallel_size", "1", "--data_parallel_size", "2",
+        "--host", "127.0.0.1", "--port", "8001", "--gpu_memory_utilization", "0.5", "--dtype", "float32",
+        "--max_model_len", "512", "--enable_prefix_caching", "false", "--enforce_eager", "--kv_cache_dtype", "auto",
+        "--trust_remote_code", "true", "--log_level", "warning", "--vllm_model_impl", "transformers"])
+    assert (args.model, args.tensor_parallel_size, args.data_parallel_size, args.host, args.port) == \
+        (models["seed0"], 1, 2, "127.0.0.1", 8001)
+    assert (args.gpu_memory_utilization, args.dtype, args.max_model_len, args.kv_cache_dtype) == \
+        (0.5, "float32", 512, "auto")
+    assert args.enable_prefix_caching is False and args.enforce_eager is True and args.trust_remote_code is True
+    assert (args.uvicorn_log_level, args.model_impl) == ("warning", "transformers")
+
+
+def test_stock_flags_and_our_defaults(models):
+    args = vllm_serve.parse_args([models["seed0"], "--served-model-name", "tiny", "--max-num-seqs", "8",
+                                  "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--round-wait-ms", "2"])
+    assert args.model == models["seed0"] and args.served_model_name == ["tiny"] and args.max_num_seqs == 8
+    assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes" and args.round_wait_ms == 2
+    # where stock's default differs, TRL's server wins (RL needs it)
+    assert (args.host, args.max_logprobs, args.logprobs_mode) == ("0.0.0.0", -1, "processed_logprobs")
+    assert args.shutdown_timeout == vllm_serve.SHUTDOWN_TIMEOUT_S and args.enable_prefix_caching is None
+
+
+@pytest.mark.parametrize("flags", [["--data-parallel-address", "10.0.0.1"], ["--data-parallel-rank", "1"],
+                                   ["--data-parallel-size-local", "1"], ["--data-parallel-hybrid-lb"],
+                                   ["--data-parallel-external-lb"], ["--headless"], ["--api-server-count", "2"]])
+def test_layout_flags_that_cannot_hold_over_one_pool_are_refused(models, flags, capsys):
+    with pytest.raises(SystemExit) as info:
+        vllm_serve.parse_args(["--model", models["seed0"], *flags])
+    assert info.value.code == 2 and "one server per node" in capsys.readouterr().err
+
+
+def test_yaml_config_exports_env_and_sets_flags(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "")  # recorded as unset, so the config's export is undone afterwards
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps({"model": models["seed0"], "max-model-len": 256,
+                                  "env": {"VLLM_API_KEY": "from-config"}}))  # JSON is YAML
+    args = vllm_serve.parse_args(["--config", str(config), "--port", "8002"])
+    assert (args.model, args.max_model_len, args.port) == (models["seed0"], 256, 8002)
+    assert args.api_key == ["from-config"]
+
+
+def test_replicas_get_data_parallel_size_1_their_own_seed_and_the_extension(models):
+    args = vllm_serve.parse_args(["--model", models["seed0"], "--data-parallel-size", "3", "--dtype", "float32",
+                                  "--max-model-len", "512", "--seed", "5"])
+    parent, replicas = vllm_serve.make_configs(args)
+    assert parent.parallel_config.data_parallel_size == 3 and parent.parallel_config.world_size_across_dp == 3
+    assert [c.parallel_config.data_parallel_size for c in replicas] == [1, 1, 1]
+    seeds = [c.model_config.seed for c in replicas]
+    assert seeds[0] == 5 and len(set(seeds)) == 3  # rank 0 keeps --seed; the others derive theirs, as vLLM does
+    assert seeds == [vllm_serve.replica_seed(5, rank) for rank in range(3)]
+    assert {c.parallel_config.worker_extension_cls for c in replicas} == {"vllm_serve.WeightSyncWorkerExtension"}
