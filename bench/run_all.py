@@ -335,7 +335,7 @@ def ratio_rows(results):
 def fmt_target(row):
     if row["target"] is None:
         return "info (" + ("higher" if row["better"] == "higher" else "lower") + " is better)"
-    return ("≥ " if row["better"] == "higher" else "≤ ") + f"{row['target']:.1f}x"
+    return ("≥ " if row["better"] == "higher" else "≤ ") + f"{row['target']:g}x"
 
 
 def markdown(results, rows):
