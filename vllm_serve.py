@@ -971,6 +971,8 @@ class Batcher:
         self.resumed = asyncio.Event()  # cleared while generation is paused (/pause): new requests wait
         self.resumed.set()
         self.resume_timer = None
+        self.engines_paused = False  # the replicas' schedulers are paused too ("keep", "abort")
+        self.waiting = 0  # requests waiting for a resume
         self.failure = None  # why every request now fails (a dead replica, shutdown)
         self.aborted = 0  # requests the replicas confirmed aborted in vLLM
         self.finished = [0] * len(replicas)  # requests each replica completed, since start
@@ -1024,10 +1026,11 @@ class Batcher:
         self.open.set()
         self.wake.set()
 
-    def pause(self, timeout_s):
-        """Stop admitting requests until `resume`, or `timeout_s` later (a trainer that died mid-update must
-        not leave the server paused)."""
+    def pause(self, timeout_s, engines):
+        """Stop admitting requests until `resume`, or until `timeout_s` after the last pause (a trainer that
+        died mid-update must not leave the server paused). `engines`: the replicas' schedulers are paused."""
         self.resumed.clear()
+        self.engines_paused = self.engines_paused or engines
         if self.resume_timer:
             self.resume_timer.cancel()
         self.resume_timer = asyncio.get_running_loop().call_later(timeout_s, self.resume)
@@ -1036,17 +1039,32 @@ class Batcher:
         if self.resume_timer:
             self.resume_timer.cancel()
             self.resume_timer = None
+        if self.engines_paused:  # their frozen requests go on; a call like any other, under the lock
+            self.engines_paused = False
+            task = asyncio.ensure_future(self.replicas.call("resume"))
+            self.replicas.background.add(task)
+            task.add_done_callback(self.replicas.background.discard)
         self.resumed.set()
         self.wake.set()
 
+    async def pause_engines(self, mode, clear_cache):
+        """The replicas' schedulers pause ("keep" or "abort"); outputs their engines produced meanwhile (the
+        final ones of aborted requests, say) still reach their requests."""
+        for rank, outputs in enumerate(await self.replicas.call("pause", mode, clear_cache)):
+            self.deliver(rank, outputs)
+
     async def admission(self, timeout_s):
-        """Returns once generation is not paused; a 503 after `timeout_s` paused."""
-        if not self.resumed.is_set():
-            try:
-                await asyncio.wait_for(self.resumed.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                raise RetryableRequestError(f"Generation is paused for a weight update (/pause) and was not "
-                                            f"resumed within {timeout_s:g} s; send the request again.") from None
+        """Returns once generation is not paused; a 503 after waiting `timeout_s` paused."""
+        if self.resumed.is_set():
+            return
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self.resumed.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            raise RetryableRequestError(f"Generation is paused for a weight update (/pause) and was not "
+                                        f"resumed within {timeout_s:g} s; send the request again.") from None
+        finally:
+            self.waiting -= 1
 
     def end_running(self, finish_reason):
         """Every admitted request ends now with an empty final output (vLLM's in-process engine sends none
@@ -1228,20 +1246,28 @@ class WeightSync:
         await self.batcher.hold(self.args.weight_sync_timeout)  # released by /reset_prefix_cache
         await self.fire_all("update_named_param", meta["name"], meta["dtype"], meta["shape"])
 
-    async def update_many(self, metas, bucket_bytes):
-        await self.batcher.hold()
+    async def update_many(self, metas, bucket_bytes, keep):
+        """`keep`: running requests freeze in their engines during the update and go on after it (vLLM 0.32
+        preempts them: recomputed on the new weights); else the update waits until they finished."""
+        if keep:
+            self.batcher.pause(self.args.weight_sync_timeout, engines=True)
+            await self.batcher.pause_engines("keep", True)
+        else:
+            await self.batcher.hold()
         try:  # requests queued meanwhile run after the update: the lock keeps them out until it is done
             await self.fire_all("update_named_params", metas, bucket_bytes)
         finally:
-            self.batcher.release()
+            self.batcher.resume() if keep else self.batcher.release()
 
     async def fire_all(self, method, *args):
         await self.replicas.fire({rank: (method, args) for rank in range(len(self.replicas))}, self.failed)
 
     async def close(self):
-        self.dialect = None
+        """TRL's /close_communicator: closes a legacy group (a stale trainer's call leaves a stock group alone)."""
         self.batcher.release()
-        await self.fire_all("close_communicator")
+        if self.dialect == "legacy":
+            self.dialect = None
+            await self.fire_all("close_communicator")
 
     async def transfer_init(self, init_info):
         """Stock's dialect: every replica's workers join the trainer's group; replica i's take the ranks after
@@ -1458,19 +1484,17 @@ class ReplicaEngineClient(EngineClient):
         finish, "keep" freezes them in the engine until `resume_generation`, "abort" ends them."""
         if mode not in ("abort", "wait", "keep"):
             raise ValueError(f"Invalid pause mode: {mode!r}; one of abort, wait, keep.")
-        self.batcher.pause(self.pause_timeout_s)
+        self.batcher.pause(self.pause_timeout_s, engines=mode != "wait")
         if mode == "wait":  # in the parent: a replica that waited inside its engine would stop answering
             await self.batcher.drained.wait()
             if clear_cache:
                 await self.reset_prefix_cache()
             return
-        for rank, outputs in enumerate(await self.batcher.replicas.call("pause", mode, clear_cache)):
-            self.batcher.deliver(rank, outputs)
+        await self.batcher.pause_engines(mode, clear_cache)
         if mode == "abort":
             self.batcher.end_running("abort")
 
     async def resume_generation(self):
-        await self.batcher.replicas.call("resume")
         self.batcher.resume()
 
     async def is_paused(self):
@@ -1598,7 +1622,7 @@ async def health(request):
     if server.batcher.failure is not None:
         raise APIError(str(server.batcher.failure), status=503)
     return JSONResponse({"status": "ok", "paused": not server.batcher.resumed.is_set(),
-                         "requests_running": server.batcher.running,
+                         "requests_running": server.batcher.running, "requests_waiting": server.batcher.waiting,
                          "requests_aborted": server.batcher.aborted,  # their client left while they ran
                          "requests_finished_per_rank": server.batcher.finished})
 
@@ -1891,8 +1915,12 @@ async def update_named_params(request):
         raise APIError(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} bytes in its "
                        f"bucket), got {json.dumps(layout)}: a client that sends none packs tensors back to back. "
                        "Use the vllm_client.py that ships with this server.", param="layout")
+    pause = body.get("pause", "wait")
+    if pause not in ("wait", "keep"):
+        raise APIError("`pause` must be \"wait\" (running requests finish first) or \"keep\" (they freeze "
+                       "during the update).", param="pause")
     weight_sync.check_ready()
-    await weight_sync.update_many(metas, bucket_bytes)
+    await weight_sync.update_many(metas, bucket_bytes, keep=pause == "keep")
     return JSONResponse({"message": "Request received, updating named parameters",
                          "num_buckets": len(weight_buckets(metas, bucket_bytes))})
 
