@@ -30,15 +30,17 @@ endif
 venv: $(VENV)/.complete
 
 # The stamp is written last, so an interrupted install is redone from scratch next time.
-$(VENV)/.complete: requirements.txt requirements-cpu.txt requirements-test.txt
+$(VENV)/.complete: requirements.txt requirements-cpu.txt requirements-test.txt requirements-trl.txt
 	rm -rf $(VENV)
 	python3 -m venv $(VENV)
 	$(PIP) install --no-cache-dir -q -r $(RUNTIME_REQS) -r requirements-test.txt
+	@# TRL's clients for tests/test_trl.py, without their dependencies: they must not move torch or transformers
+	$(PIP) install --no-cache-dir -q --no-deps -r requirements-trl.txt
 ifneq ($(HAS_GPU),1)
 	@# CUDA-only wheels the CPU build drags in; they break `import transformers` next to CPU torch.
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton
 endif
-	$(PY) -c "import vllm, starlette, uvicorn, requests, openai, pytest; print('vllm', vllm.__version__)"
+	$(PY) -c "import vllm, starlette, uvicorn, requests, openai, pytest, trl.generation.vllm_client; print('vllm', vllm.__version__)"
 	touch $@
 
 $(TINY)/config.json: tests/tiny_model.py | venv

@@ -15,9 +15,13 @@
 Generation goes to `/v1/completions` (one request for all prompts) and `/v1/chat/completions` (one
 request per conversation, sent concurrently so the server batches them); both ask for token ids
 (`return_token_ids`, `return_tokens_as_token_ids`), so the same calls work against stock vLLM.
-Results keep TRL's legacy shape. Weight sync, prompts with images and teacher logprobs use this
-server's side routes. Only the standard library and `requests` are imported here: torch, vLLM and
-transformers are imported by the methods that need them.
+Results keep TRL's legacy shape. Prompts with images and teacher logprobs use this server's side routes.
+
+Weight sync speaks both dialects: TRL's legacy one (/init_communicator, the trainer as the last rank; this
+server's) and stock vLLM's weight-transfer API (/init_weight_transfer_engine, the trainer as rank 0; chosen
+when the server lacks the legacy routes, or with `weight_sync="stock"`), so the same trainer code syncs
+into this server and into stock `vllm serve`. Only the standard library and `requests` are imported here:
+torch, vLLM and transformers are imported by the methods that need them.
 """
 
 import atexit
@@ -44,6 +48,7 @@ RETRY_BACKOFF_S = 0.5  # doubled after every retry
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of update_named_params (the server's default too)
 WEIGHT_ALIGN_BYTES = 16  # each tensor of a bucket starts at a multiple of this (the server views it as its dtype)
 WEIGHT_LAYOUT = 2  # the bucket layout sent to /update_named_params: tensors padded to WEIGHT_ALIGN_BYTES
+DEFAULT_PACKED_BYTES = 1 << 30  # stock dialect's chunk size: vLLM's default (both sides must agree)
 JSON_MIN_LOGPROB = -9999.0  # servers send -inf logprobs (outside top_p/top_k) as this, JSON having no infinity
 
 
@@ -65,7 +70,8 @@ class VLLMClient:
     """
 
     def __init__(self, base_url=None, host="0.0.0.0", server_port=8000, group_port=51216, connection_timeout=0.0,
-                 *, timeout=DEFAULT_TIMEOUT_S, api_key=None, max_concurrent_chats=64):
+                 *, timeout=DEFAULT_TIMEOUT_S, api_key=None, max_concurrent_chats=64, weight_sync=None,
+                 pause_mode="wait"):
         self.session = requests.Session()
         self.session.mount("http://", HTTPAdapter(pool_maxsize=max(10, max_concurrent_chats)))
         self.session.mount("https://", HTTPAdapter(pool_maxsize=max(10, max_concurrent_chats)))
@@ -85,6 +91,9 @@ class VLLMClient:
         self._pack_buffers = []  # gloo: update_named_params' two bucket buffers, freed by close_communicator
         self.model = None  # served model id, read from /v1/models on first use
         self._device, self._backend = None, None
+        # "legacy" (TRL's /init_communicator, this server's), "stock" (vLLM's weight-transfer routes), or None:
+        # stock's against a server that lacks the legacy routes, else legacy
+        self.weight_sync, self.pause_mode, self._in_update = weight_sync, pause_mode, False
         self.check_server(connection_timeout)
 
     def __enter__(self):
@@ -210,24 +219,76 @@ class VLLMClient:
             parts = list(pool.map(send, chunks))
         return {key: [row for part in parts for row in part[key]] for key in parts[0]}
 
+    def image_features(self, images, max_concurrent_requests=64):
+        """TRL 1.16's: per prompt, its images (PIL) rendered into vLLM's multimodal features by
+        /v1/chat/completions/render (a server started with --enable-scale-out); None for a prompt without."""
+        def render(row):
+            if not row:
+                return None
+            content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_base64(image)}}
+                       for image in row]
+            return self._request("POST", "/v1/chat/completions/render", json={
+                "model": self._model_id(), "messages": [{"role": "user", "content": content}], "max_tokens": 1},
+                idempotent=True)["features"]
+
+        with ThreadPoolExecutor(max(1, min(max_concurrent_requests, len(images)))) as pool:
+            return list(pool.map(render, images))
+
     def reset_prefix_cache(self):
         self._request("POST", "/reset_prefix_cache", idempotent=True)
 
     # --- weight sync ---------------------------------------------------------------------------------
 
     def init_communicator(self, device=0):
-        """Join the server's weight-sync group as its last rank (gloo on a CPU server, else NCCL on `device`)."""
+        """Join the server's weight-sync group: as its last rank in TRL's legacy dialect, as rank 0 (the
+        group's host) in stock vLLM's. gloo on a CPU server, else NCCL on `device`."""
         import torch
 
         info = self._request("GET", "/get_world_size", idempotent=True)
-        world_size, self._backend = info["world_size"] + 1, info.get("weight_sync_backend", "nccl")
-        self.rank, self._device = world_size - 1, _as_device(device)
+        self.weight_sync = self.weight_sync or ("legacy" if "weight_sync_backend" in info else "stock")
+        self._device = _as_device(device)
+        if self.weight_sync == "stock":
+            return self._init_stock(info["world_size"] + 1)
+        world_size, self._backend = info["world_size"] + 1, info["weight_sync_backend"]
+        self.rank = world_size - 1
         # The server's first worker hosts the group's TCP store: on all interfaces, as TRL, unless we are local.
         store_host = self.host if _is_loopback(self.host) else "0.0.0.0"
         self._request("POST", "/init_communicator", json={
             "host": store_host, "port": self.group_port, "world_size": world_size,
             "client_device_uuid": _device_uuid(torch, self._device)})
         self.communicator = self._join_group(world_size)
+        atexit.register(self.close_communicator)
+
+    def _init_stock(self, world_size):
+        """Stock dialect: host the group as rank 0 while the server's workers join it (its init call returns
+        once they did)."""
+        config = self._request("GET", "/server_info?config_format=json", idempotent=True)["vllm_config"]
+        self._backend = (config.get("weight_transfer_config") or {}).get("backend")
+        if self._backend not in ("gloo", "nccl"):
+            raise VLLMClientError(f"The server's weight transfer is {self._backend!r}: start it with "
+                                  "--weight-transfer-config '{\"backend\": \"nccl\"}' (or gloo on CPU).")
+        if self._backend == "nccl" and getattr(self._device, "type", None) != "cuda":
+            raise VLLMClientError(f"The server transfers weights over NCCL, which needs a CUDA device; got "
+                                  f"{self._device}. On a CPU server, use --weight-transfer-config "
+                                  "'{\"backend\": \"gloo\"}'.")
+        self.rank, address = 0, _local_address_towards(self.host)
+        init_info = {"master_address": address, "master_port": self.group_port, "rank_offset": 1,
+                     "world_size": world_size, "packed": True}
+        with ThreadPoolExecutor(1) as pool:
+            joined = pool.submit(self._request, "POST", "/init_weight_transfer_engine", {"init_info": init_info})
+            if self._backend == "gloo":
+                from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+                self.communicator = stateless_init_torch_distributed_process_group(
+                    address, self.group_port, 0, world_size, backend="gloo",
+                    timeout=datetime.timedelta(seconds=self.timeout or DEFAULT_TIMEOUT_S))
+            else:
+                import torch
+                from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+                with torch.cuda.device(self._device):
+                    self.communicator = trainer_init(init_info)
+            joined.result()
         atexit.register(self.close_communicator)
 
     def _join_group(self, world_size):
@@ -255,25 +316,54 @@ class VLLMClient:
 
     @contextlib.contextmanager
     def weight_update(self):
-        """Newer TRL's spelling of one sync step: push weights inside the block; on a clean exit the
-        prefix cache is reset, so no cached KV of the old weights is reused."""
-        yield self
+        """Newer TRL's spelling of one sync step: push weights inside the block. Stock dialect: generation is
+        paused (`pause_mode`) and the update started on entry, finished and resumed on a clean exit. On a
+        clean exit the prefix cache is reset, so no cached KV of the old weights is reused."""
+        if self.weight_sync == "stock":
+            with self._stock_update():
+                yield self
+        else:
+            yield self
         self.reset_prefix_cache()
+
+    @contextlib.contextmanager
+    def _stock_update(self):
+        if self._in_update:  # inside weight_update(): one start and one finish for the whole block
+            yield
+            return
+        self._request("POST", f"/pause?mode={self.pause_mode}")
+        try:
+            self._request("POST", "/start_weight_update", json={})
+            self._in_update = True
+            yield
+            self._request("POST", "/finish_weight_update", json={})
+        finally:
+            self._in_update = False
+            self._request("POST", "/resume")
 
     def update_named_param(self, name, weights):
         """Legacy path: announce one tensor, then broadcast it."""
+        if self.weight_sync == "stock":
+            return self.update_named_params([(name, weights)])
         self._request("POST", "/update_named_param", json={
             "name": name, "dtype": str(weights.dtype), "shape": list(weights.shape)})
         self._broadcast(weights.detach())
 
     def update_named_params(self, named_tensors, bucket_bytes=WEIGHT_BUCKET_BYTES):
-        """Announce all tensors at once, then broadcast them packed in uint8 buckets of about `bucket_bytes`."""
+        """Announce all tensors at once, then broadcast them packed in uint8 buckets of about `bucket_bytes`.
+
+        Also TRL 1.16's form, `update_named_params(metadata, named_params)`: [(name, dtype, shape)] and an
+        iterator of (name, tensor) (told apart by the second argument not being a size)."""
         import torch
 
+        if not isinstance(bucket_bytes, int):  # TRL 1.16's (metadata, named_params)
+            named_tensors, bucket_bytes = bucket_bytes, WEIGHT_BUCKET_BYTES
         named = [(name, tensor.detach()) for name, tensor in named_tensors]
+        if self.weight_sync == "stock":
+            return self._send_stock(named)
         params = [{"name": name, "dtype": str(t.dtype), "shape": list(t.shape)} for name, t in named]
         self._request("POST", "/update_named_params", json={"params": params, "bucket_bytes": bucket_bytes,
-                                                            "layout": WEIGHT_LAYOUT})
+                                                            "layout": WEIGHT_LAYOUT, "pause": self.pause_mode})
         buckets = _buckets(named, bucket_bytes)
         if self._backend == "gloo":
             _broadcast_buckets(self.communicator, self.rank, buckets, self._pack_buffers)
@@ -290,11 +380,33 @@ class VLLMClient:
             for name, tensor in named:
                 self.update_named_param(name, tensor)
 
+    def _send_stock(self, named):
+        """Stock dialect: /update_weights announces the tensors and returns once the workers loaded them; the
+        broadcasts run meanwhile, packed as vLLM packs them (its NCCL engine's layout; ours on gloo)."""
+        update_info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.")
+                                                                       for _, t in named],
+                       "shapes": [list(t.shape) for _, t in named]}
+        with self._stock_update(), ThreadPoolExecutor(1) as pool:
+            loaded = pool.submit(self._request, "POST", "/update_weights", {"update_info": update_info})
+            if self._backend == "gloo":
+                from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+                tensors = iter([(n, t.cpu().contiguous()) for n, t in named])
+                while (chunk := pack_tensors(tensors, lambda item: item[1], DEFAULT_PACKED_BYTES)) is not None:
+                    self.communicator.broadcast(chunk.packed_tensor, root=0).wait()
+            else:
+                from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+                packed_nccl_broadcast_producer(iter(named), self.communicator, src=0,
+                                               post_iter_func=lambda item: item[1].to(self._device).contiguous())
+            loaded.result()
+
     def close_communicator(self):
         """Leave the weight-sync group; a server that is already gone is fine."""
         atexit.unregister(self.close_communicator)
+        path = "/shutdown_weight_transfer_engine" if self.weight_sync == "stock" else "/close_communicator"
         try:
-            self._request("POST", "/close_communicator")
+            self._request("POST", path)
         except VLLMClientError as exc:
             if exc.status_code is not None:
                 raise
@@ -504,6 +616,18 @@ def _device_uuid(torch, device):
     if device.type == "cuda" and torch.cuda.is_available():
         return str(torch.cuda.get_device_properties(device).uuid)
     return "cpu"
+
+
+def _local_address_towards(host):
+    """This machine's address on the route to `host` (where the server's workers reach the group we host)."""
+    if _is_loopback(host):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 1))  # UDP: chooses the route, sends nothing
+            return probe.getsockname()[0]
+    except OSError:  # no route known: the name this machine goes by
+        return socket.gethostbyname(socket.gethostname())
 
 
 def _is_loopback(host):

@@ -57,6 +57,7 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import hmac  # noqa: E402
+from http import HTTPStatus  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -73,7 +74,7 @@ import traceback  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from vllm.engine.protocol import EngineClient  # noqa: E402
-from vllm.exceptions import RetryableRequestError  # noqa: E402
+from vllm.exceptions import GracefulHTTPError, RetryableRequestError  # noqa: E402
 
 logger = logging.getLogger("vllm_serve")
 
@@ -106,14 +107,15 @@ REPLICA_STOP_TIMEOUT_S = 10.0  # at shutdown, a replica still generating (for no
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM's workers import the extension class by this name
 OPEN_PATHS = {"/health", "/ping", "/metrics"}  # answered without the API key: probes and scrapers
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+class APIError(GracefulHTTPError):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Raised under one of
+    vLLM's routes (the RL ones call our engine client), vLLM's handler answers it with its status."""
 
     TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
              413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, message, status=400, param=None):
-        super().__init__(message)
+        super().__init__(message, HTTPStatus(status))
         self.message, self.status, self.param = message, status, param
 
     def response(self):
@@ -237,15 +239,25 @@ def make_configs(args):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
 
+    from vllm.config.weight_transfer import WeightTransferConfig
+    from vllm.platforms import current_platform
+
     engine_args = AsyncEngineArgs.from_cli_args(args)
     engine_args.shutdown_timeout = 0  # ours is the parent's drain (--shutdown-timeout); an engine told to stop stops
     parent = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    on_cuda = current_platform.is_cuda_alike()  # NVML, not a CUDA context
+    if parent.weight_transfer_config is None:  # vLLM's NCCL engine on CUDA, our gloo engine elsewhere
+        parent.weight_transfer_config = WeightTransferConfig(backend="nccl" if on_cuda else "gloo")
+    # NCCL asked for on CPU (TRL's documented command line) starts; its transfers are refused with a 400
+    engine_transfer = WeightTransferConfig(backend="gloo") \
+        if parent.weight_transfer_config.backend == "nccl" and not on_cuda else parent.weight_transfer_config
     replicas = []
     for rank in range(parent.parallel_config.data_parallel_size):
         config = copy.deepcopy(parent)
         config.parallel_config.reconfigure_for_independent_dp_rank()  # what stock does per DP engine process
         config.parallel_config.worker_extension_cls = f"{MODULE_NAME}.WeightSyncWorkerExtension"
         config.model_config.seed = replica_seed(parent.model_config.seed, rank)
+        config.weight_transfer_config = engine_transfer
         replicas.append(config)
     return parent, replicas
 
@@ -342,10 +354,7 @@ class WeightSyncWorkerExtension:
         model = self.model_runner.get_model()
         finalize_layerwise_reload(model, self.model_runner.model_config)
         self.weight_update_open = False
-        if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
-                and "model.embed_tokens.weight" in self.weight_update_names:
-            model.lm_head.weight = model.model.embed_tokens.weight  # the reload left lm_head's packed copy stale
-            model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+        retie_lm_head(model, self.weight_update_names)
         return True
 
     def _load(self, named_tensors):
@@ -415,6 +424,141 @@ def weight_buckets(metas, bucket_bytes):
 def padded(nbytes):
     """Bytes a tensor of `nbytes` takes in a weight bucket."""
     return -(-nbytes // WEIGHT_ALIGN_BYTES) * WEIGHT_ALIGN_BYTES
+
+
+def gloo_transfer_engine():
+    """Stock vLLM's weight-transfer protocol (`--weight-transfer-config`, the RL routes) over gloo, for replicas
+    on CPU, where vLLM's own engines all need CUDA: the NCCL engine's init and update infos, ranks and packed
+    layout (vLLM's `pack_tensors`: back to back, a chunk closing after the tensor that passes the buffer size),
+    the trainer at rank 0. Registered as "gloo" wherever this module is imported: in vLLM's workers, through
+    `worker_extension_cls`, before they create their engine (stock `vllm serve` too, with
+    `--worker-extension-cls vllm_serve.WeightSyncWorkerExtension`)."""
+    import datetime
+    from dataclasses import dataclass
+
+    import torch
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+    from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
+                                                       WeightTransferUpdateInfo)
+    from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    @dataclass(kw_only=True)
+    class InitInfo(WeightTransferInitInfo):
+        master_address: str
+        master_port: int
+        rank_offset: int
+        world_size: int
+        packed: bool = False
+        packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES
+        packed_num_buffers: int = 2  # NCCL's double buffering; gloo's broadcasts are synchronous
+        timeout_s: float = WEIGHT_SYNC_TIMEOUT_S  # NCCL has none, and hangs
+
+    @dataclass
+    class UpdateInfo(WeightTransferUpdateInfo):
+        names: list
+        dtype_names: list
+        shapes: list
+        packed: bool | None = None  # per update, as clients of vLLM < 0.28 sent it
+
+        def __post_init__(self):
+            if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+                raise ValueError("names, dtype_names and shapes must have the same length")
+
+    class GlooWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
+        init_info_cls, update_info_cls = InitInfo, UpdateInfo
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.group, self.packed, self.buffer_bytes, self.loaded = None, False, DEFAULT_PACKED_BUFFER_SIZE_BYTES, set()
+
+        def init_transfer_engine(self, init_info):
+            config = self.parallel_config  # NCCL's rank rule (nccl_common.worker_init_process_group)
+            rank = init_info.rank_offset + config.data_parallel_index * config.world_size + config.rank
+            self.shutdown()
+            self.packed, self.buffer_bytes = init_info.packed, init_info.packed_buffer_size_bytes
+            self.group = stateless_init_torch_distributed_process_group(
+                init_info.master_address, init_info.master_port, rank, init_info.world_size, backend="gloo",
+                timeout=datetime.timedelta(seconds=init_info.timeout_s))
+
+        def start_weight_update(self):
+            initialize_layerwise_reload(self.model)
+            self.loaded = set()
+
+        def update_weights(self, update_info):  # the base's ends with torch.accelerator.synchronize(): not on CPU
+            try:
+                self.receive_weights(self.parse_update_info(update_info))
+            except BaseException:
+                # vLLM's worker refuses /finish_weight_update after a failed update: a reload left open keeps the
+                # model on meta tensors and its next step kills the engine. Close it (layers that received nothing
+                # keep their weights) and the group, unusable after a failed collective.
+                self.finish_weight_update()
+                self.shutdown()
+                raise
+
+        def receive_weights(self, update_info):
+            if self.group is None:
+                raise RuntimeError("No weight-transfer group: call /init_weight_transfer_engine first.")
+            dtypes = [getattr(torch, d.removeprefix("torch.")) for d in update_info.dtype_names]
+            metas = [(n, list(s), d, math.prod(s) * d.itemsize)
+                     for n, s, d in zip(update_info.names, update_info.shapes, dtypes)]
+            packed = self.packed if update_info.packed is None else update_info.packed
+            for chunk in packed_chunks(metas, self.buffer_bytes) if packed else ([m] for m in metas):
+                buffer = torch.empty(sum(m[3] for m in chunk), dtype=torch.uint8)  # fresh: the reload keeps views
+                self.group.broadcast(buffer, root=0).wait()
+                named, offset = [], 0
+                for name, shape, dtype, nbytes in chunk:
+                    piece = buffer[offset:offset + nbytes]
+                    if offset % dtype.itemsize:  # vLLM's layout has no padding; a view as dtype needs alignment
+                        piece = piece.clone()
+                    named.append((name, piece.view(dtype).view(shape)))
+                    offset += nbytes
+                self.model.load_weights(named)
+                self.loaded.update(name for name, _ in named)
+
+        def finish_weight_update(self):
+            finalize_layerwise_reload(self.model, self.model_config)
+            retie_lm_head(self.model, self.loaded)
+
+        def shutdown(self):
+            if self.group is not None:
+                self.group.shutdown()
+                self.group = None
+
+    return GlooWeightTransferEngine
+
+
+def packed_chunks(metas, buffer_bytes):
+    """[(name, shape, dtype, nbytes)] cut as vLLM's `pack_tensors` cuts them: a chunk closes right after the
+    tensor that takes its total past `buffer_bytes`."""
+    chunk, total = [], 0
+    for meta in metas:
+        chunk.append(meta)
+        total += meta[3]
+        if total > buffer_bytes:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
+
+
+def retie_lm_head(model, loaded_names):
+    """A tied lm_head gets no tensor of its own, and vLLM's reload puts its CPU-packed GEMM copy of the old
+    embedding back: point it at the new embedding and re-pack it."""
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
+            and any(name.endswith("embed_tokens.weight") for name in loaded_names):
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+
+
+def register_gloo_transfer_engine():
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if "gloo" not in WeightTransferEngineFactory._registry:  # this module may be imported twice (as __main__)
+        WeightTransferEngineFactory.register_engine("gloo", gloo_transfer_engine())
+
+
+register_gloo_transfer_engine()
 
 
 class Replica:
@@ -491,6 +635,36 @@ class Replica:
         with outputs.not_empty:  # its own lock: peek at the deque, consume nothing
             return outputs.not_empty.wait_for(lambda: len(outputs.queue) > 0, max(timeout, 0))
 
+    def pause(self, mode, clear_cache):
+        """vLLM's scheduler pause: "keep" freezes the running requests (with `clear_cache`, vLLM 0.32 preempts
+        them: they are recomputed when they resume), "abort" ends them. → the outputs that ended them."""
+        self.utility("pause_scheduler", mode, clear_cache)
+        outputs, errors = [], []
+        while self.unfinished and self.output_ready(0):  # "abort": the final outputs it queued
+            outputs += self.step(errors)
+        return outputs
+
+    def resume(self):
+        self.utility("resume_scheduler")
+
+    def utility(self, method, *args):
+        """An EngineCore utility call, in vLLM's multiprocess layout or in-process."""
+        core = self.engine.engine_core
+        if hasattr(core, "call_utility"):
+            return core.call_utility(method, *args)
+        return getattr(core.engine_core, method)(*args)
+
+    def transfer(self, method, kwargs):
+        """One of the workers' weight-transfer methods (vLLM's RL API), on every worker of this replica."""
+        if method not in TRANSFER_METHODS:
+            raise ValueError(f"unknown weight-transfer method {method!r}")
+        return self.engine.collective_rpc(method, kwargs=kwargs)
+
+    def weight_version(self, new=None):
+        if new is not None:
+            self.engine.set_weight_version(new)
+        return self.engine.get_weight_version()
+
     def finish_weight_update(self):
         """Load what a per-parameter sync sent; runs before anything that reads the weights."""
         if self.weights_pending:
@@ -527,8 +701,11 @@ class Replica:
             logger.warning("replica %d: engine shutdown: %s", self.rank, exc)
 
 
-REPLICA_METHODS = {"info", "round", "reset_prefix_cache", "init_communicator", "update_named_param",
-                   "update_named_params", "close_communicator"}  # what the parent may call
+REPLICA_METHODS = {"info", "round", "pause", "resume", "reset_prefix_cache", "init_communicator",
+                   "update_named_param", "update_named_params", "close_communicator", "transfer",
+                   "weight_version"}  # what the parent may call
+TRANSFER_METHODS = {"init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update",
+                    "shutdown_weight_transfer_engine"}  # vLLM's, on its workers (gpu_worker.py)
 
 
 def replica_main(config, rank, log_stats, conn):
@@ -791,6 +968,11 @@ class Batcher:
         self.drained = asyncio.Event()  # set while no admitted request runs
         self.drained.set()
         self.reopen_timer = None
+        self.resumed = asyncio.Event()  # cleared while generation is paused (/pause): new requests wait
+        self.resumed.set()
+        self.resume_timer = None
+        self.engines_paused = False  # the replicas' schedulers are paused too ("keep", "abort")
+        self.waiting = 0  # requests waiting for a resume
         self.failure = None  # why every request now fails (a dead replica, shutdown)
         self.aborted = 0  # requests the replicas confirmed aborted in vLLM
         self.finished = [0] * len(replicas)  # requests each replica completed, since start
@@ -844,6 +1026,59 @@ class Batcher:
         self.open.set()
         self.wake.set()
 
+    def pause(self, timeout_s, engines):
+        """Stop admitting requests until `resume`, or until `timeout_s` after the last pause (a trainer that
+        died mid-update must not leave the server paused). `engines`: the replicas' schedulers are paused."""
+        self.resumed.clear()
+        self.engines_paused = self.engines_paused or engines
+        if self.resume_timer:
+            self.resume_timer.cancel()
+        self.resume_timer = asyncio.get_running_loop().call_later(timeout_s, self.resume)
+
+    def resume(self):
+        if self.resume_timer:
+            self.resume_timer.cancel()
+            self.resume_timer = None
+        if self.engines_paused:  # their frozen requests go on; a call like any other, under the lock
+            self.engines_paused = False
+            task = asyncio.ensure_future(self.replicas.call("resume"))
+            self.replicas.background.add(task)
+            task.add_done_callback(self.replicas.background.discard)
+        self.resumed.set()
+        self.wake.set()
+
+    async def pause_engines(self, mode, clear_cache):
+        """The replicas' schedulers pause ("keep" or "abort"); outputs their engines produced meanwhile (the
+        final ones of aborted requests, say) still reach their requests."""
+        for rank, outputs in enumerate(await self.replicas.call("pause", mode, clear_cache)):
+            self.deliver(rank, outputs)
+
+    async def admission(self, timeout_s):
+        """Returns once generation is not paused; a 503 after waiting `timeout_s` paused."""
+        if self.resumed.is_set():
+            return
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self.resumed.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            raise RetryableRequestError(f"Generation is paused for a weight update (/pause) and was not "
+                                        f"resumed within {timeout_s:g} s; send the request again.") from None
+        finally:
+            self.waiting -= 1
+
+    def end_running(self, finish_reason):
+        """Every admitted request ends now with an empty final output (vLLM's in-process engine sends none
+        when its scheduler aborts them)."""
+        from vllm.outputs import CompletionOutput, RequestOutput
+
+        for key, pending in list(self.pending.items()):
+            if pending.sent:
+                del self.pending[key]
+                pending.collector.put(RequestOutput(
+                    request_id=key, prompt=None, prompt_token_ids=None, prompt_logprobs=None, finished=True,
+                    outputs=[CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None,
+                                              logprobs=None, finish_reason=finish_reason)]))
+
     async def run(self):
         while True:
             await self.next_round()
@@ -860,19 +1095,23 @@ class Batcher:
                         pending.collector.put(RetryableRequestError(str(exc)))
                         del self.pending[key]
 
+    @property
+    def admitting(self):
+        return self.open.is_set() and self.resumed.is_set()
+
     async def next_round(self):
         """Wait until a round has something to do; when idle, gather a burst for `wait_s`."""
         while not (self.aborts or any(p.sent for p in self.pending.values())
-                   or (self.open.is_set() and any(self.queued.values()))):
+                   or (self.admitting and any(self.queued.values()))):
             self.drained.set()
             self.wake.clear()
             await self.wake.wait()
-            if self.wait_s and self.open.is_set():
+            if self.wait_s and self.admitting:
                 await asyncio.sleep(self.wait_s)
 
     async def round(self):
         """Send each replica its new requests and aborts, collect what its engine produced."""
-        admit = self.open.is_set()
+        admit = self.admitting
         messages = {}
         for rank in range(len(self.replicas)):
             requests = self.queued.pop(rank, []) if admit else []
@@ -890,13 +1129,17 @@ class Batcher:
             for key, message in errors:
                 if (pending := self.pending.pop(key, None)) is not None:
                     pending.collector.put(ValueError(message))
-            for output in outputs:
-                if (pending := self.pending.get(output.request_id)) is None:  # its client left meanwhile
-                    continue
-                pending.collector.put(output)
-                if output.finished:
-                    del self.pending[output.request_id]
-                    self.finished[rank] += 1
+            self.deliver(rank, outputs)
+
+    def deliver(self, rank, outputs):
+        """Each RequestOutput to its request's collector (none if its client left meanwhile)."""
+        for output in outputs:
+            if (pending := self.pending.get(output.request_id)) is None:
+                continue
+            pending.collector.put(output)
+            if output.finished:
+                del self.pending[output.request_id]
+                self.finished[rank] += 1
 
     @property
     def running(self):
@@ -905,17 +1148,17 @@ class Batcher:
 
 
 class WeightSync:
-    """The one owner of weight-sync state: whether a trainer opened a group, why the last step failed,
-    which tensors the checkpoint has, and whether syncing is allowed at all (not into a quantized model)."""
+    """The one owner of weight-sync state, for both dialects: TRL's (the trainer is the last rank of a group
+    our extension forms, /init_communicator) and stock vLLM's (the trainer is rank 0 of a group vLLM's
+    weight-transfer engine forms, /init_weight_transfer_engine). One group is open at a time; which tensors
+    the checkpoint has; and whether syncing is allowed at all (not into a quantized model)."""
 
-    def __init__(self, args, replicas: Replicas, batcher: Batcher):
+    def __init__(self, args, replicas: Replicas, batcher: Batcher, backend, on_cuda):
         self.args, self.replicas, self.batcher = args, replicas, batcher
-        self.group_open = False
+        self.backend, self.on_cuda = backend, on_cuda  # --weight-transfer-config's backend; the replicas' device
+        self.dialect = None  # "legacy" or "stock" while a group is open
+        self.in_flight = False  # a stock-dialect update is running
         self.error = None  # why the last background step failed, if it did
-
-    @property
-    def backend(self):
-        return "nccl" if self.replicas.infos[0]["device"] == "cuda" else "gloo"
 
     @property
     def world_size(self):
@@ -953,9 +1196,24 @@ class WeightSync:
                            "trainer's tensors would be loaded without their quantization scales. Serve the "
                            "unquantized checkpoint to train against it.", status=409)
 
+    def check_transport(self):
+        """400 for NCCL on replicas without CUDA (TRL's documented command line, on a CPU box)."""
+        if self.backend == "nccl" and not self.on_cuda:
+            raise APIError("The replicas run on CPU, where NCCL cannot transfer weights: start the server with "
+                           "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
+
+    def check_init(self):
+        """The checks before a group forms, in either dialect: the transport, no quantized model, and no
+        transfer in flight (a group without one, say of a trainer that died, is replaced)."""
+        self.check_allowed()
+        self.check_transport()
+        if self.in_flight:
+            raise APIError("A weight transfer is in flight; the weight-sync group cannot be replaced now.",
+                           status=409)
+
     def check_ready(self):
         """409 unless a group is open and its last step did not fail (a next step would load a partial model)."""
-        if not self.group_open:
+        if self.dialect != "legacy":
             raise APIError("No weight-sync group: call /init_communicator first.", status=409)
         if self.error:
             error, self.error = self.error, None
@@ -964,12 +1222,20 @@ class WeightSync:
 
     def failed(self, message):
         self.error = message
+        self.batcher.resume()  # a failed group does not leave generation paused
+
+    async def replace(self):
+        """Close the open group, whichever its dialect (a trainer that died without closing, TRL #3408): its
+        TCP store still listens on the port, and a trainer joining it would lose the connection."""
+        if self.dialect == "stock":
+            await self.replicas.call("transfer", "shutdown_weight_transfer_engine", {})
+        await self.replicas.call("close_communicator")
+        self.dialect, self.error = None, None
 
     async def open(self, host, port, client_device_uuid):
-        # Close a stale group (a trainer that died without closing, TRL #3408) before answering: its TCP store
-        # still listens on the port, and a trainer joining it would lose the connection when it closes.
-        await self.replicas.call("close_communicator")
-        self.error, self.group_open = None, True
+        self.check_init()
+        await self.replace()
+        self.dialect = "legacy"
         world_size = self.world_size + 1
         await self.replicas.fire({rank: ("init_communicator", (host, port, world_size, rank * self.args.tensor_parallel_size,
                                                                client_device_uuid, self.args.weight_sync_timeout))
@@ -980,20 +1246,81 @@ class WeightSync:
         await self.batcher.hold(self.args.weight_sync_timeout)  # released by /reset_prefix_cache
         await self.fire_all("update_named_param", meta["name"], meta["dtype"], meta["shape"])
 
-    async def update_many(self, metas, bucket_bytes):
-        await self.batcher.hold()
+    async def update_many(self, metas, bucket_bytes, keep):
+        """`keep`: running requests freeze in their engines during the update and go on after it (vLLM 0.32
+        preempts them: recomputed on the new weights); else the update waits until they finished."""
+        if keep:
+            self.batcher.pause(self.args.weight_sync_timeout, engines=True)
+            await self.batcher.pause_engines("keep", True)
+        else:
+            await self.batcher.hold()
         try:  # requests queued meanwhile run after the update: the lock keeps them out until it is done
             await self.fire_all("update_named_params", metas, bucket_bytes)
         finally:
-            self.batcher.release()
+            self.batcher.resume() if keep else self.batcher.release()
 
     async def fire_all(self, method, *args):
         await self.replicas.fire({rank: (method, args) for rank in range(len(self.replicas))}, self.failed)
 
     async def close(self):
-        self.group_open = False
+        """TRL's /close_communicator: closes a legacy group (a stale trainer's call leaves a stock group alone)."""
         self.batcher.release()
-        await self.fire_all("close_communicator")
+        if self.dialect == "legacy":
+            self.dialect = None
+            await self.fire_all("close_communicator")
+
+    async def transfer_init(self, init_info):
+        """Stock's dialect: every replica's workers join the trainer's group; replica i's take the ranks after
+        replica i-1's (each replica's engine counts from data-parallel index 0)."""
+        if not isinstance(init_info, dict) or not is_int(init_info.get("rank_offset", 1)):
+            raise APIError("`init_info` must be an object with an integer `rank_offset`.", param="init_info")
+        self.check_init()
+        await self.replace()
+        offset, tp = init_info.get("rank_offset", 1), self.args.tensor_parallel_size
+        await self.guarded(self.replicas.call_each({
+            rank: ("transfer", ("init_weight_transfer_engine", {"init_info": {**init_info, "rank_offset": offset + rank * tp}}))
+            for rank in range(len(self.replicas))}))
+        self.dialect = "stock"
+
+    async def transfer(self, method, kwargs):
+        if self.dialect != "stock":
+            raise APIError("No weight-transfer group: call /init_weight_transfer_engine first.", status=409)
+        await self.guarded(self.replicas.call("transfer", method, kwargs))
+
+    async def transfer_update(self, update_info):
+        """One update reaches every replica at once. A list of per-worker infos is indexed by `data_parallel_index
+        * world_size + rank` in vLLM: replica i gets its own slice."""
+        tp, count = self.args.tensor_parallel_size, len(self.replicas)
+        if isinstance(update_info, list) and len(update_info) != tp * count:
+            raise APIError(f"`update_info` lists {len(update_info)} entries; this server has {tp * count} workers "
+                           f"({count} replicas x {tp}).", param="update_info")
+        if self.dialect != "stock":
+            raise APIError("No weight-transfer group: call /init_weight_transfer_engine first.", status=409)
+        self.in_flight = True
+        try:
+            await self.guarded(self.replicas.call_each({rank: ("transfer", ("update_weights", {"update_info": (
+                update_info[rank * tp:(rank + 1) * tp] if isinstance(update_info, list) else update_info)}))
+                for rank in range(count)}))
+        finally:
+            self.in_flight = False
+
+    async def transfer_close(self):
+        if self.dialect == "stock":
+            await self.replicas.call("transfer", "shutdown_weight_transfer_engine", {})
+        self.dialect = None
+        self.batcher.resume()
+
+    async def guarded(self, work):
+        """A failed transfer step closes the group and resumes generation: the trainer starts over."""
+        try:
+            return await work
+        except ReplicaError as exc:
+            self.in_flight = False
+            with contextlib.suppress(ReplicaError):
+                await self.replicas.call("transfer", "shutdown_weight_transfer_engine", {})
+            self.dialect = None
+            self.batcher.resume()
+            raise APIError(f"Weight transfer failed, the group is closed: {exc}", status=500) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1006,17 +1333,17 @@ class ReplicaEngineClient(EngineClient):
     here (tokenizer-only renderer, no model), `generate` builds the engine request and hands it to the
     batcher, and yields the outputs that come back, as AsyncLLM does."""
 
-    def __init__(self, vllm_config, batcher: Batcher, supported_tasks):
+    def __init__(self, vllm_config, batcher: Batcher, weight_sync, supported_tasks, pause_timeout_s):
         from vllm.renderers import renderer_from_config
         from vllm.v1.engine.input_processor import InputProcessor
 
         self.vllm_config, self.model_config = vllm_config, vllm_config.model_config
         self.renderer = renderer_from_config(vllm_config)
         self.input_processor = InputProcessor(vllm_config, self.renderer)
-        self.batcher, self.supported_tasks = batcher, tuple(supported_tasks)
+        self.batcher, self.weight_sync, self.supported_tasks = batcher, weight_sync, tuple(supported_tasks)
+        self.pause_timeout_s = pause_timeout_s  # paused longer than this: resumed, and waiting requests get 503
         self.keys = itertools.count()
         self.by_request_id = {}  # the serving layer's request id → our keys (its ids may repeat)
-        self.paused = False
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -1055,6 +1382,7 @@ class ReplicaEngineClient(EngineClient):
 
         if self.errored:
             raise self.dead_error
+        await self.batcher.admission(self.pause_timeout_s)
         process = (self.input_processor.process_inputs if isinstance(prompt, dict) and "type" in prompt
                    else self.input_processor.process_inputs_async)  # a raw prompt is tokenized off the loop
         request = process(request_id, prompt, sampling_params, supported_tasks=self.supported_tasks,
@@ -1149,14 +1477,54 @@ class ReplicaEngineClient(EngineClient):
     async def add_lora(self, lora_request):
         raise NotImplementedError("LoRA adapters are not served yet.")
 
+    # --- pause, and vLLM's weight-transfer API (the RL routes) --------------------------------------
+
     async def pause_generation(self, *, mode="abort", clear_cache=True):
-        raise NotImplementedError("Pause is not served yet.")
+        """New requests wait (until resumed, up to --weight-sync-timeout). Running ones: "wait" lets them
+        finish, "keep" freezes them in the engine until `resume_generation`, "abort" ends them."""
+        if mode not in ("abort", "wait", "keep"):
+            raise ValueError(f"Invalid pause mode: {mode!r}; one of abort, wait, keep.")
+        self.batcher.pause(self.pause_timeout_s, engines=mode != "wait")
+        if mode == "wait":  # in the parent: a replica that waited inside its engine would stop answering
+            await self.batcher.drained.wait()
+            if clear_cache:
+                await self.reset_prefix_cache()
+            return
+        await self.batcher.pause_engines(mode, clear_cache)
+        if mode == "abort":
+            self.batcher.end_running("abort")
 
     async def resume_generation(self):
-        raise NotImplementedError("Pause is not served yet.")
+        self.batcher.resume()
 
     async def is_paused(self):
-        return self.paused
+        return not self.batcher.resumed.is_set()
+
+    async def init_weight_transfer_engine(self, request):
+        await self.weight_sync.transfer_init(request.init_info)
+
+    async def start_weight_update(self):
+        await self.weight_sync.transfer("start_weight_update", {})
+
+    async def update_weights(self, request):
+        await self.weight_sync.transfer_update(request.update_info)
+
+    async def finish_weight_update(self, weight_version=None):
+        await self.weight_sync.transfer("finish_weight_update", {})
+        if weight_version is not None:
+            await self.update_weight_version(weight_version)
+
+    async def shutdown_weight_transfer_engine(self):
+        await self.weight_sync.transfer_close()
+
+    async def start_draft_weight_update(self):
+        raise NotImplementedError("Speculative draft models are not served.")
+
+    async def update_weight_version(self, new_version):
+        await self.batcher.replicas.call("weight_version", new_version)
+
+    async def get_weight_version(self):
+        return (await self.batcher.replicas.call("weight_version"))[0]
 
     def shutdown(self, timeout=None):
         self.renderer.shutdown()
@@ -1253,7 +1621,8 @@ async def health(request):
     server = state(request)
     if server.batcher.failure is not None:
         raise APIError(str(server.batcher.failure), status=503)
-    return JSONResponse({"status": "ok", "requests_running": server.batcher.running,
+    return JSONResponse({"status": "ok", "paused": not server.batcher.resumed.is_set(),
+                         "requests_running": server.batcher.running, "requests_waiting": server.batcher.waiting,
                          "requests_aborted": server.batcher.aborted,  # their client left while they ran
                          "requests_finished_per_rank": server.batcher.finished})
 
@@ -1546,8 +1915,12 @@ async def update_named_params(request):
         raise APIError(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} bytes in its "
                        f"bucket), got {json.dumps(layout)}: a client that sends none packs tensors back to back. "
                        "Use the vllm_client.py that ships with this server.", param="layout")
+    pause = body.get("pause", "wait")
+    if pause not in ("wait", "keep"):
+        raise APIError("`pause` must be \"wait\" (running requests finish first) or \"keep\" (they freeze "
+                       "during the update).", param="pause")
     weight_sync.check_ready()
-    await weight_sync.update_many(metas, bucket_bytes)
+    await weight_sync.update_many(metas, bucket_bytes, keep=pause == "keep")
     return JSONResponse({"message": "Request received, updating named parameters",
                          "num_buckets": len(weight_buckets(metas, bucket_bytes))})
 
@@ -1601,6 +1974,10 @@ VLLM_ROUTES = {  # vLLM's routes we serve, as its app registers them; any other 
     "/v1/chat/completions/render", "/v1/messages/render", "/v1/completions/render", "/v1/responses/render",
     "/v1/chat/completions/derender", "/v1/completions/derender", "/inference/v1/generate",
     "/inference/v1/abort_requests",
+    # stock's RL routes (vLLM registers them in dev mode only): pause, and its weight-transfer engine
+    "/server_info", "/pause", "/resume", "/is_paused", "/init_weight_transfer_engine", "/start_weight_update",
+    "/update_weights", "/finish_weight_update", "/shutdown_weight_transfer_engine", "/update_weight_version",
+    "/weight_info",
 }
 
 
@@ -1658,11 +2035,16 @@ async def build(args, server: Server, parent_config):
     """vLLM's app (its routes on VLLM_ROUTES, its state initialized over our client) plus ROUTES, behind Guard."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.rl.online import api_router as rl_router
+    from vllm.entrypoints.serve.dev.server_info import api_router as server_info_router
 
     tasks = server.replicas.infos[0]["supported_tasks"]
-    server.client = ReplicaEngineClient(parent_config, server.batcher, tasks)
+    server.client = ReplicaEngineClient(parent_config, server.batcher, server.weight_sync, tasks,
+                                        args.weight_sync_timeout)
     vllm_args = argparse.Namespace(**{**vars(args), "api_key": None})  # Guard owns the key, for every route
     app = build_app(vllm_args, tasks, parent_config.model_config)
+    app.include_router(rl_router.router)  # stock's RL routes, which dev mode alone would register; filtered below
+    server_info_router.attach_router(app)
     await init_app_state(server.client, app.state, vllm_args, tasks)
     ours = {route.path for route in ROUTES}
     app.router.routes[:] = [r for r in app.router.routes
@@ -1753,7 +2135,9 @@ def main(argv=None):
     parent_config, replica_configs = make_configs(args)
     replicas = Replicas(replica_configs, args.tensor_parallel_size, log_stats=not args.disable_log_stats)
     batcher = Batcher(replicas, args.batch_wait_ms / 1000, args.round_wait_ms / 1000)
-    server = Server(args, replicas, batcher, WeightSync(args, replicas, batcher))
+    weight_sync = WeightSync(args, replicas, batcher, parent_config.weight_transfer_config.backend,
+                             on_cuda=parent_config.device_config.device_type == "cuda")
+    server = Server(args, replicas, batcher, weight_sync)
     try:
         replicas.start(args.replica_start_timeout)
         logger.info("%d vLLM replica(s) ready: %s", len(replicas), replicas.infos)

@@ -54,9 +54,9 @@ PROFILES = {
                   compute_scale=0.375),
 }
 SCENARIOS = ("chat", "turns", "legacy", "latency", "sync", "scaling", "streams")
-KV_BYTES = {"tiny": 256 << 20, "small": 64 << 20, "medium": 1 << 30, "large": 128 << 20}
+KV_BYTES = {"tiny": 256 << 20, "small": 256 << 20, "medium": 1 << 30, "large": 2 << 30}  # large: 32 x 512 tokens
 MAX_MODEL_LEN = 2048
-SYNC_MAX_MODEL_LEN = 256  # the weight-sync model only needs to start
+SYNC_MAX_MODEL_LEN = 512  # the stall's rollouts: a short prompt and 400 tokens
 TARGETS = {"ours": "ours dp1", "ours_dp2": "ours dp2", "stock": "stock vLLM", "inprocess": "in-process LLM"}
 
 
@@ -329,13 +329,18 @@ def ratio_rows(results):
         label = f"{sync['model']} ({sync['params'] / 1e6:.1f}M)"
         add("5 weight sync", label, "batched: raw time / path time", sync["raw_s"], sync["batched_s"], 0.7)
         add("5 weight sync", label, "per-param: raw time / path time", sync["raw_s"], sync["per_param_s"])
+        if "stall_s" in sync:
+            add("5 weight sync", label, "stall, drain / raw time", sync["stall_s"]["drain"], sync["raw_s"],
+                better="lower")
+            add("5 weight sync", label, "stall, keep / raw time", sync["stall_s"]["keep"], sync["raw_s"],
+                better="lower")
     return rows
 
 
 def fmt_target(row):
     if row["target"] is None:
         return "info (" + ("higher" if row["better"] == "higher" else "lower") + " is better)"
-    return ("≥ " if row["better"] == "higher" else "≤ ") + f"{row['target']:.1f}x"
+    return ("≥ " if row["better"] == "higher" else "≤ ") + f"{row['target']:g}x"
 
 
 def markdown(results, rows):

@@ -14,6 +14,9 @@ transfer alone keeps every core busy, so `cpu_s` says which work a path adds. A 
 until the server has loaded the last tensor: its workers hold a lock until then, and
 `reset_prefix_cache` waits for that lock.
 
+Then the weight-update stall (`stall`), drain vs keep: --rollouts streams of --rollout-tokens are running
+when a batched sync starts; the time until generation makes progress again.
+
 The tensors pushed are the checkpoint's own, so the model is unchanged: greedy output before and
 after must match (`weights_intact`). Paths run interleaved, repeat by repeat, to share the noise.
 Runs in its own process so that its copy of the weights is freed at the end.
@@ -63,6 +66,55 @@ def raw_push(group, buckets, buffers):
     return time.perf_counter() - start
 
 
+def stall(url, client, named, keep, rollouts, tokens):
+    """The weight-update stall: `rollouts` streams of `tokens` tokens are running when a batched sync starts
+    → seconds from the sync request until generation makes progress again: with `keep`, the first token a
+    frozen stream produces after the update; with drain (the default), the first token of a request sent
+    right after it (the running ones had to finish first)."""
+    import threading
+
+    import requests
+
+    streams = []
+
+    def stream(prompt, record):
+        body = {"model": client._model_id(), "prompt": prompt, "max_tokens": tokens, "temperature": 1.0,
+                "ignore_eos": True, "stream": True}
+        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=3600) as response:
+            for line in response.iter_lines():
+                if line.startswith(b"data: {"):
+                    record.append(time.perf_counter())
+
+    def started(prompt, record):
+        thread = threading.Thread(target=stream, args=(prompt, record))
+        thread.start()
+        streams.append(thread)
+
+    records = [[] for _ in range(rollouts)]
+    for i, record in enumerate(records):
+        started(f"Rollout {i}: the weather in Paris is", record)
+    while not all(records):  # every rollout is generating
+        time.sleep(0.01)
+    client.pause_mode = "keep" if keep else "wait"
+    start = time.perf_counter()
+    client.update_named_params(named)
+    client.reset_prefix_cache()
+    synced = time.perf_counter()
+    if keep:
+        while not any(t > synced for record in records for t in record):
+            time.sleep(0.001)
+        resumed = min(t for record in records for t in record if t > synced)
+    else:
+        fresh = []
+        started("After the sync, the weather in Paris is", fresh)
+        while not fresh:
+            time.sleep(0.001)
+        resumed = fresh[0]
+    for thread in streams:
+        thread.join()
+    return resumed - start
+
+
 def busy_cpu_s():
     """Core-seconds the whole machine has spent busy (all processes, kernel included) so far."""
     import psutil
@@ -81,6 +133,8 @@ def main():
     parser.add_argument("--receiver", action="store_true")
     parser.add_argument("--port", type=int)
     parser.add_argument("--sizes")
+    parser.add_argument("--rollouts", type=int, default=32, help="streams running when the stall's sync starts")
+    parser.add_argument("--rollout-tokens", type=int, default=400)
     args = parser.parse_args()
     if args.receiver:
         return receiver(args.port, json.loads(args.sizes), args.repeats)
@@ -135,6 +189,11 @@ def main():
             timed("per_param", per_param)
             timed("batched", batched)
             timed("raw", lambda: raw_push(group, buckets, raw_buffers))
+        stalls = {"drain": [], "keep": []}
+        for r in range(args.repeats):  # alternating which goes first
+            for mode in (("drain", "keep") if r % 2 == 0 else ("keep", "drain")):
+                stalls[mode].append(stall(args.url, client, named, mode == "keep", args.rollouts, args.rollout_tokens))
+        client.pause_mode = "wait"
         client.close_communicator()
         after = client.generate(**probe)["completion_ids"]
         client.close()
@@ -148,7 +207,8 @@ def main():
               "buckets": len(buckets), "bucket_bytes": args.bucket_bytes, "init_communicator_s": init_s,
               "times_s": times, **{f"{k}_s": median(v) for k, v in times.items()},
               "cpu_s": {k: median(v) for k, v in cpu.items()}, "cpu_count": os.cpu_count(),
-              "weights_intact": before == after}
+              "weights_intact": before == after, "stall_s": {k: median(v) for k, v in stalls.items()},
+              "stall_times_s": stalls, "rollouts": [args.rollouts, args.rollout_tokens]}
     result["gb_per_s"] = {k: total_bytes / 1e9 / result[f"{k}_s"] for k in times}
     text = json.dumps(result, indent=1)
     if args.out:

@@ -489,3 +489,29 @@ def test_reset_prefix_cache_ends_a_per_parameter_sync_and_serves_the_new_weights
         weights_client.update_named_param(name, tensor)
     weights_client.reset_prefix_cache()
     assert answer() == greedy_ids(reference_llm(models["seed1"]), [long_prompt], 16)
+
+
+# --- the retirement path: the same client syncs weights into stock `vllm serve` ------------------------
+
+
+def test_our_client_syncs_weights_into_stock_vllm(models, greedy_refs, tmp_path):
+    """Stock vLLM (TRL's documented dev-mode command line) with our gloo weight-transfer engine, which vLLM's
+    workers import through its own extension flag: the client sees no legacy routes and speaks stock's
+    dialect. Generation and two syncs, each exact."""
+    stock = support.Server(models["seed0"], *support.SERVER_ARGS, "--worker-extension-cls",
+                           "vllm_serve.WeightSyncWorkerExtension", "--weight-transfer-config", '{"backend": "gloo"}',
+                           kind="stock", log_dir=tmp_path, env={"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(ROOT)})
+    try:
+        stock.start()
+        with VLLMClient(base_url=stock.url, group_port=free_port(), timeout=HANG_S) as client:
+            assert greedy(client) == greedy_refs["seed0"]
+            client.init_communicator(device="cpu")
+            assert client.weight_sync == "stock"
+            for name in ("seed1", "seed0"):
+                client.update_model_params(StateDictModel(load_weights(models[name])))
+                client.reset_prefix_cache()
+                assert greedy(client) == greedy_refs[name]
+            client.close_communicator()
+    finally:
+        stock.stop()
+    assert not stock.left_behind, stock.left_behind

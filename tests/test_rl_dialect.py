@@ -1,0 +1,293 @@
+"""Stock vLLM's RL dialect on this server: /pause in its three modes, /resume, and vLLM's weight-transfer
+routes over our gloo engine (the trainer as rank 0), driven by our VLLMClient in its "stock" dialect. Every
+sync is checked exact: greedy outputs equal a fresh in-process engine loaded from the pushed weights.
+Servers run vLLM's default multiprocess layout, where the engine pauses as stock's does."""
+
+import json
+import pathlib
+import socket
+import threading
+
+import pytest
+import requests
+
+from support import GREEDY, HANG_S, LONG_SERVER_ARGS, PROMPTS, free_port, greedy_ids, unending, wait_until
+from vllm_client import VLLMClient, VLLMClientError
+
+MAX_TOKENS = 12
+MP = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+
+
+def checkpoint(model_dir):
+    from safetensors.torch import load_file
+
+    return list(load_file(str(pathlib.Path(model_dir) / "model.safetensors")).items())
+
+
+def greedy(server, headers=None):
+    body = server.post("/v1/completions", {"prompt": PROMPTS, "max_tokens": MAX_TOKENS, **GREEDY},
+                       headers=headers).json()
+    return [c["token_ids"] for c in body["choices"]]
+
+
+@pytest.fixture(scope="module")
+def expected(models, reference_llm):
+    refs = {name: greedy_ids(reference_llm(models[name]), PROMPTS, MAX_TOKENS)
+            for name in ("seed0", "seed1", "tied0", "tied1")}
+    assert refs["seed0"] != refs["seed1"] and refs["tied0"] != refs["tied1"]
+    return refs
+
+
+def stock_client(server, **kwargs):
+    client = VLLMClient(base_url=server.url, group_port=free_port(), connection_timeout=60, timeout=HANG_S,
+                        weight_sync="stock", **kwargs)
+    client.init_communicator(device="cpu")
+    return client
+
+
+def test_stock_dialect_syncs_exactly_and_one_group_is_open_at_a_time(models, start_server, expected):
+    server = start_server(models["seed0"], name="rl-sync", env=MP)
+    try:
+        assert greedy(server) == expected["seed0"]
+        client = stock_client(server)
+        client.update_model_params(StateDict(checkpoint(models["seed1"])))  # pause(wait), start, update, finish
+        client.reset_prefix_cache()
+        assert greedy(server) == expected["seed1"]
+        with client.weight_update():  # TRL 1.16's block, and its (metadata, iterator) call form
+            named = checkpoint(models["seed0"])
+            client.update_named_params([(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named],
+                                       iter(named))
+        assert greedy(server) == expected["seed0"]
+        assert server.get("/health").json()["paused"] is False
+        # a legacy group replaces the idle stock group, and syncs exactly; then stock's replaces it again
+        legacy = VLLMClient(base_url=server.url, group_port=free_port(), timeout=HANG_S)
+        legacy.init_communicator(device="cpu")
+        legacy.update_named_params(checkpoint(models["seed1"]))
+        assert greedy(server) == expected["seed1"]
+        response = server.post("/update_weights", {"update_info": {"names": [], "dtype_names": [], "shapes": []}})
+        assert response.status_code == 409, response.text  # that group was replaced by the legacy one
+        client = stock_client(server)
+        response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
+                                                       "shape": [128]})
+        assert response.status_code == 409, response.text  # and the legacy group by this one
+        client.update_named_params(checkpoint(models["seed0"]))
+        client.reset_prefix_cache()
+        assert greedy(server) == expected["seed0"]
+        client.close_communicator()
+        assert server.get("/weight_info").status_code == 200
+    finally:
+        server.stop()
+
+
+class StateDict:
+    def __init__(self, named):
+        self.named = named
+
+    def named_parameters(self):
+        return iter(self.named)
+
+
+def test_stock_dialect_data_parallel_2_and_tied_embeddings(models, start_server, expected):
+    """Each replica's workers take their own ranks (rank_offset rewritten per replica); one update reaches
+    both. Then a tied model in its own server: only the embedding is sent, the head follows it."""
+    server = start_server(models["seed0"], "--data-parallel-size", "2", name="rl-dp2", env=MP)
+    try:
+        client = stock_client(server)
+        client.update_named_params(checkpoint(models["seed1"]))
+        client.reset_prefix_cache()
+        for rank in ("0", "1"):
+            assert greedy(server, {"X-data-parallel-rank": rank}) == expected["seed1"]
+        client.close_communicator()
+    finally:
+        server.stop()
+    tied = start_server(models["tied0"], name="rl-tied", env=MP)
+    try:
+        client = stock_client(tied)
+        named = checkpoint(models["tied1"])
+        assert "lm_head.weight" not in dict(named)
+        client.update_named_params(named)
+        client.reset_prefix_cache()
+        assert greedy(tied) == expected["tied1"]
+        client.close_communicator()
+    finally:
+        tied.stop()
+
+
+def stream_chunks(server, body, chunks, done):
+    """POST a streamed completion; each parsed chunk is appended to `chunks`; `done` set at the end."""
+    def run():
+        try:
+            with requests.post(server.url + "/v1/completions", json={**body, "stream": True}, stream=True,
+                               timeout=HANG_S) as response:
+                for line in response.iter_lines():
+                    if line.startswith(b"data: {"):
+                        chunks.append(json.loads(line[len(b"data: "):]))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def long_server(models, start_server):
+    srv = start_server(models["seed0"], *LONG_SERVER_ARGS, "--weight-sync-timeout", "600", name="rl-pause", env=MP)
+    yield srv
+    srv.stop()
+
+
+def test_pause_keep_freezes_running_requests_and_resume_continues_them(long_server):
+    chunks, done = [], threading.Event()
+    stream_chunks(long_server, unending(), chunks, done)
+    wait_until(lambda: len(chunks) >= 3, "the stream's first tokens")
+    assert long_server.post("/pause?mode=keep", {}).json() == {"status": "paused"}
+    assert long_server.get("/is_paused").json() == {"is_paused": True}
+    assert long_server.health()["paused"] and long_server.health()["requests_running"] == 1  # frozen, not ended
+    frozen = len(chunks)
+    waiting = {}  # a new request waits while paused, then runs
+    thread = threading.Thread(target=lambda: waiting.update(r=long_server.post(
+        "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4, **GREEDY})))
+    thread.start()
+    assert not done.is_set() and "r" not in waiting
+    assert long_server.post("/resume", {}).json() == {"status": "resumed"}
+    wait_until(lambda: len(chunks) > frozen + 3, "the frozen stream going on after /resume")
+    thread.join(HANG_S)
+    assert waiting["r"].status_code == 200 and len(waiting["r"].json()["choices"][0]["token_ids"]) == 4
+    assert not done.is_set() and chunks[-1]["choices"][0]["finish_reason"] is None
+    long_server.post("/pause?mode=abort", {})  # ends the unending stream
+    long_server.post("/resume", {})
+
+
+def test_pause_abort_ends_running_requests_and_wait_lets_them_finish(long_server):
+    chunks, done = [], threading.Event()
+    stream_chunks(long_server, unending(), chunks, done)
+    wait_until(lambda: len(chunks) >= 3, "the stream's first tokens")
+    assert long_server.post("/pause?mode=abort", {}).status_code == 200
+    assert done.wait(HANG_S) and chunks[-1]["choices"][0]["finish_reason"] == "abort"
+    assert long_server.health()["requests_running"] == 0
+    long_server.post("/resume", {})
+    # wait: /pause returns only once the running request finished, and it finished whole
+    answers = {}
+    thread = threading.Thread(target=lambda: answers.update(r=long_server.post(
+        "/v1/completions", {"prompt": PROMPTS * 2, "max_tokens": 200, **GREEDY})))
+    thread.start()
+    long_server.wait_for_health(lambda h: h["requests_running"] == 2 * len(PROMPTS))
+    assert long_server.post("/pause?mode=wait", {}).status_code == 200
+    thread.join(HANG_S)  # answered before /pause returned, as its connection's order shows below
+    assert long_server.health()["requests_running"] == 0
+    assert [len(c["token_ids"]) for c in answers["r"].json()["choices"]] == [200] * 2 * len(PROMPTS)
+    long_server.post("/resume", {})
+
+
+def test_keep_during_a_sync_loses_no_stream(models, long_server, expected, reference_llm):
+    """16 streams mid-generation when a stock-dialect sync pauses with "keep": every stream completes with
+    all its tokens, none cut or lost. (vLLM 0.32 preempts the frozen requests: after the sync they are
+    recomputed on the new weights, so a kept stream's later tokens come from the new model.)"""
+    streams = [([], threading.Event()) for _ in range(16)]
+    for i, (chunks, done) in enumerate(streams):
+        stream_chunks(long_server, {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 3000, "temperature": 1.0,
+                                    "ignore_eos": True, "return_token_ids": True}, chunks, done)
+    long_server.wait_for_health(lambda h: h["requests_running"] == 16)
+    client = stock_client(long_server, pause_mode="keep")
+    assert long_server.post("/pause?mode=keep", {}).status_code == 200  # frozen: none can finish meanwhile
+    assert long_server.health()["requests_running"] == 16
+    client.update_named_params(checkpoint(models["seed1"]))  # pauses (keep) again, syncs, resumes
+    for chunks, done in streams:
+        assert done.wait(HANG_S)
+        assert sum(len(c["choices"][0]["token_ids"] or []) for c in chunks) == 3000
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    client.close_communicator()
+    # the same through TRL's legacy protocol: a batched update that asks to keep the running requests
+    streams = [([], threading.Event()) for _ in range(8)]
+    for i, (chunks, done) in enumerate(streams):
+        stream_chunks(long_server, {"prompt": PROMPTS[i], "max_tokens": 3000, "temperature": 1.0,
+                                    "ignore_eos": True, "return_token_ids": True}, chunks, done)
+    long_server.wait_for_health(lambda h: h["requests_running"] == 8)
+    legacy = VLLMClient(base_url=long_server.url, group_port=free_port(), timeout=HANG_S, pause_mode="keep")
+    legacy.init_communicator(device="cpu")
+    legacy.update_named_params(checkpoint(models["seed0"]))
+    for chunks, done in streams:
+        assert done.wait(HANG_S)
+        assert sum(len(c["choices"][0]["token_ids"] or []) for c in chunks) == 3000
+    legacy.close_communicator()
+    body = long_server.post("/v1/completions", {"prompt": PROMPTS, "max_tokens": MAX_TOKENS, **GREEDY}).json()
+    assert [c["token_ids"] for c in body["choices"]] == expected["seed0"]
+
+
+def test_paused_requests_get_503_after_the_timeout_and_the_server_resumes_itself(models, start_server):
+    """A request waits for a resume for up to --weight-sync-timeout; a pause nobody ends ends itself that long
+    after the last /pause (a trainer that died mid-update)."""
+    server = start_server(models["seed0"], "--weight-sync-timeout", "5", name="rl-timeout", env=MP)
+    try:
+        assert server.post("/pause?mode=keep", {}).status_code == 200
+        answers = {}
+        thread = threading.Thread(target=lambda: answers.update(r=server.post(
+            "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2})))
+        thread.start()
+        server.wait_for_health(lambda h: h["requests_waiting"] == 1)
+        assert server.post("/pause?mode=keep", {}).status_code == 200  # re-armed: it outlasts that request's wait
+        thread.join(HANG_S)
+        response = answers["r"]
+        assert response.status_code == 503 and "paused" in response.json()["error"]["message"], response.text
+        wait_until(lambda: server.get("/is_paused").json() == {"is_paused": False}, "resumed by itself")
+        body = server.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, **GREEDY}).json()
+        assert len(body["choices"][0]["token_ids"]) == 2  # the engines resumed too
+    finally:
+        server.stop()
+
+
+def test_nccl_on_a_cpu_server_starts_and_its_transfers_are_refused(models, start_server):
+    """TRL's documented command line, run here: accepted at start-up; a transfer gets a 400 naming gloo."""
+    server = start_server(models["seed0"], "--weight-transfer-config", '{"backend": "nccl"}', name="rl-nccl")
+    try:
+        config = server.get("/server_info?config_format=json").json()["vllm_config"]
+        assert config["weight_transfer_config"]["backend"] == "nccl"
+        init_info = {"master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2}
+        for path, body in [("/init_weight_transfer_engine", {"init_info": init_info}),
+                           ("/init_communicator", {"host": "127.0.0.1", "port": free_port()})]:
+            response = server.post(path, body)
+            assert response.status_code == 400 and "gloo" in response.json()["error"]["message"], response.text
+        with pytest.raises(VLLMClientError):
+            stock_client(server)
+        assert server.get("/health").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_an_init_during_a_transfer_is_refused_then_the_transfer_completes(models, start_server, expected):
+    server = start_server(models["seed0"], name="rl-inflight", env=MP)
+    try:
+        client = stock_client(server)
+        named = checkpoint(models["seed1"])
+        info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in named],
+                "shapes": [list(t.shape) for _, t in named]}
+        assert server.post("/start_weight_update", {}).status_code == 200
+        update = {}
+        thread = threading.Thread(target=lambda: update.update(r=server.post("/update_weights", {"update_info": info})))
+        thread.start()  # in flight until the trainer broadcasts: nothing is sent yet
+        wait_until(lambda: server.post("/init_weight_transfer_engine", {"init_info": {
+            "master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2}}
+                                       ).status_code == 409, "an init refused while the update waits")
+        from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+        tensors = iter(named)
+        while (chunk := pack_tensors(tensors, lambda item: item[1], 1 << 30)) is not None:
+            client.communicator.broadcast(chunk.packed_tensor, root=0).wait()
+        thread.join(HANG_S)
+        assert update["r"].status_code == 200, update["r"].text
+        assert server.post("/finish_weight_update", {}).status_code == 200
+        client.reset_prefix_cache()
+        assert greedy(server) == expected["seed1"]
+        client.close_communicator()
+    finally:
+        server.stop()
+
+
+def test_the_group_is_hosted_on_an_address_the_server_reaches():
+    import vllm_client
+
+    assert vllm_client._local_address_towards("127.0.0.1") == "127.0.0.1"
+    address = vllm_client._local_address_towards(socket.gethostbyname(socket.gethostname()))
+    assert address != "0.0.0.0"
+    socket.inet_aton(address)
