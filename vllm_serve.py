@@ -297,9 +297,8 @@ class WeightSyncWorkerExtension:
     def init_communicator(self, host, port, world_size, rank_offset, timeout_s):
         import datetime
 
-        from vllm.distributed.parallel_state import get_world_group
-
         import torch
+        from vllm.distributed.parallel_state import get_world_group
 
         self.close_communicator()  # a trainer that died without closing must not block a new one
         rank = rank_offset + get_world_group().rank
@@ -2186,8 +2185,7 @@ async def supervise(server: Server):
         await asyncio.wait({watch}, timeout=0.1)
     if watch.done():
         logger.error("a vLLM replica or its engine died; exiting with status 1 in %.0f s so a supervisor restarts "
-                     "the server",
-                     REPLICA_DEATH_GRACE_S)
+                     "the server", REPLICA_DEATH_GRACE_S)
         server.exit_code = 1
         if server.batcher.failure is None:  # else the batcher saw it first, from a broken pipe
             server.batcher.fail_all(RetryableRequestError(
@@ -2261,8 +2259,7 @@ def main(argv=None):
         sys.exit(f"vllm_serve.py: error: {exc}")
     replicas = Replicas(replica_configs, envs, log_stats=not args.disable_log_stats)
     batcher = Batcher(replicas, args.batch_wait_ms / 1000, args.round_wait_ms / 1000)
-    weight_sync = WeightSync(args, replicas, batcher, parent_config.weight_transfer_config.backend,
-                             on_cuda=on_cuda)
+    weight_sync = WeightSync(args, replicas, batcher, parent_config.weight_transfer_config.backend, on_cuda)
     server = Server(args, replicas, batcher, weight_sync)
     try:
         replicas.start(args.replica_start_timeout)

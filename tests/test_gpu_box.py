@@ -110,8 +110,7 @@ def tracker(process):
         return "resource_tracker" in " ".join(process.cmdline())
 
 
-@pytest.mark.parametrize("stage, signum", [(stage, "SIGTERM") for stage in STAGES] + [
-    ("model worker spawned", "SIGINT"), ("healthy", "SIGINT")])
+@pytest.mark.parametrize("stage, signum", [(stage, "SIGTERM") for stage in STAGES] + [("model worker spawned", "SIGINT")])
 def test_a_stop_at_any_stage_of_start_up_leaves_nothing_behind(models, tmp_path, stage, signum):
     """SIGTERM to the server, or SIGINT to its whole process group (Ctrl-C in a terminal), as soon as start-up
     reaches `stage` (seen in the process tree, or /health): it exits, and no process of its tree outlives it
