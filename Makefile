@@ -11,10 +11,11 @@ PORT    ?= 8000
 TINY    := .cache/tiny-model
 ARGS    ?=
 
-# Keep vLLM offline and quiet: no usage stats, no hub, loopback for its internal sockets.
+# Keep vLLM quiet: no usage stats, loopback for its internal sockets. The hub stays reachable for
+# `make serve MODEL=org/name` on a fresh box; the tiny model, the tests and the bench build their models
+# locally and run offline.
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
-export HF_HUB_OFFLINE := 1
 export VLLM_HOST_IP := 127.0.0.1
 
 ifeq ($(HAS_GPU),1)
@@ -25,7 +26,7 @@ RUNTIME_REQS := requirements-cpu.txt
 CPU_ARGS     := --dtype float32 --enforce_eager --kv_cache_memory_bytes 268435456
 endif
 
-.PHONY: serve test bench venv clean
+.PHONY: serve test bench gpu-check venv clean
 
 venv: $(VENV)/.complete
 
@@ -47,6 +48,7 @@ $(TINY)/config.json: tests/tiny_model.py | venv
 	$(PY) tests/tiny_model.py $(TINY)
 
 ifeq ($(MODEL),)
+serve: export HF_HUB_OFFLINE := 1
 serve: $(TINY)/config.json
 	$(PY) vllm_serve.py --model $(TINY) --served_model_name tiny --host $(HOST) --port $(PORT) \
 		--enable_auto_tool_choice --tool_call_parser hermes $(CPU_ARGS) $(ARGS)
@@ -55,11 +57,16 @@ serve: venv
 	$(PY) vllm_serve.py --model $(MODEL) --host $(HOST) --port $(PORT) $(CPU_ARGS) $(ARGS)
 endif
 
+test bench gpu-check: export HF_HUB_OFFLINE := 1
 test: venv
 	$(PY) -m pytest tests -v -x --durations=15 $(ARGS)
 
 bench: venv
 	$(PY) bench/run_all.py $(ARGS)
+
+# A fresh GPU box's self-check: serve, compare, sync, sample; a PASS/FAIL table (bench/gpu_check.py)
+gpu-check: venv
+	$(PY) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

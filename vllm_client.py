@@ -244,6 +244,7 @@ class VLLMClient:
         group's host) in stock vLLM's. gloo on a CPU server, else NCCL on `device`."""
         import torch
 
+        self._leave_group()  # a group of an earlier init: its NCCL communicator is not reused
         info = self._request("GET", "/get_world_size", idempotent=True)
         self.weight_sync = self.weight_sync or ("legacy" if "weight_sync_backend" in info else "stock")
         self._device = _as_device(device)
@@ -310,9 +311,38 @@ class VLLMClient:
     def _broadcast(self, tensor):
         if self._backend == "gloo":
             self.communicator.broadcast(tensor.cpu().contiguous(), root=self.rank).wait()
-        else:
-            self.communicator.broadcast(tensor.to(self._device), src=self.rank)
+        else:  # raw memory goes on the wire: one contiguous tensor on the group's device
+            self.communicator.broadcast(tensor.to(self._device).contiguous(), src=self.rank)
             self.communicator.group.barrier()
+
+    @contextlib.contextmanager
+    def _sending(self):
+        """Around a sync's broadcasts. NCCL: on the group's device (its sends queue on that device's current
+        stream), and done only once that stream sent everything, within `timeout` (the caller may change the
+        weights right after). Any failure leaves the group, which the server closes too: the next
+        init_communicator starts clean."""
+        try:
+            if self._backend != "nccl":
+                yield
+                return
+            import torch
+
+            with torch.cuda.device(self._device):
+                yield
+                sent = torch.cuda.Event()
+                sent.record()
+                if not _completed(sent.query, self.timeout or DEFAULT_TIMEOUT_S):
+                    raise VLLMClientError(f"The weight broadcast did not complete within {self.timeout} s.")
+        except BaseException:
+            self._leave_group()
+            raise
+
+    def _leave_group(self):
+        """Drop our side of the group: gloo's is shut down; NCCL's destroyed (aborted: a broadcast still
+        posted ends instead of spinning on the GPU)."""
+        comm, self.communicator, self._pack_buffers = self.communicator, None, []
+        if comm is not None:
+            (comm.destroy if hasattr(comm, "destroy") else comm.shutdown)()
 
     @contextlib.contextmanager
     def weight_update(self):
@@ -347,7 +377,8 @@ class VLLMClient:
             return self.update_named_params([(name, weights)])
         self._request("POST", "/update_named_param", json={
             "name": name, "dtype": str(weights.dtype), "shape": list(weights.shape)})
-        self._broadcast(weights.detach())
+        with self._sending():
+            self._broadcast(weights.detach())
 
     def update_named_params(self, named_tensors, bucket_bytes=WEIGHT_BUCKET_BYTES):
         """Announce all tensors at once, then broadcast them packed in uint8 buckets of about `bucket_bytes`.
@@ -365,11 +396,12 @@ class VLLMClient:
         self._request("POST", "/update_named_params", json={"params": params, "bucket_bytes": bucket_bytes,
                                                             "layout": WEIGHT_LAYOUT, "pause": self.pause_mode})
         buckets = _buckets(named, bucket_bytes)
-        if self._backend == "gloo":
-            _broadcast_buckets(self.communicator, self.rank, buckets, self._pack_buffers)
-        else:
-            for bucket in buckets:
-                self._broadcast(torch.cat(_packed(bucket)))
+        with self._sending():
+            if self._backend == "gloo":
+                _broadcast_buckets(self.communicator, self.rank, buckets, self._pack_buffers)
+            else:  # a bucket's tensors may sit on other devices (CPU-offloaded parameters)
+                for bucket in buckets:
+                    self._broadcast(torch.cat(_packed([t.to(self._device) for t in bucket])))
 
     def update_model_params(self, model, *, batched=True):
         """Push every `model.named_parameters()` tensor: batched by default, one call per tensor otherwise."""
@@ -382,24 +414,29 @@ class VLLMClient:
 
     def _send_stock(self, named):
         """Stock dialect: /update_weights announces the tensors and returns once the workers loaded them; the
-        broadcasts run meanwhile, packed as vLLM packs them (its NCCL engine's layout; ours on gloo)."""
+        broadcasts run meanwhile."""
         update_info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.")
                                                                        for _, t in named],
                        "shapes": [list(t.shape) for _, t in named]}
         with self._stock_update(), ThreadPoolExecutor(1) as pool:
             loaded = pool.submit(self._request, "POST", "/update_weights", {"update_info": update_info})
-            if self._backend == "gloo":
-                from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
-
-                tensors = iter([(n, t.cpu().contiguous()) for n, t in named])
-                while (chunk := pack_tensors(tensors, lambda item: item[1], DEFAULT_PACKED_BYTES)) is not None:
-                    self.communicator.broadcast(chunk.packed_tensor, root=0).wait()
-            else:
-                from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
-
-                packed_nccl_broadcast_producer(iter(named), self.communicator, src=0,
-                                               post_iter_func=lambda item: item[1].to(self._device).contiguous())
+            with self._sending():
+                self._send_packed(named)
             loaded.result()
+
+    def _send_packed(self, named):
+        """Broadcast `named` packed as vLLM packs them: its NCCL engine's layout, ours on gloo."""
+        if self._backend == "gloo":
+            from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+            tensors = iter([(n, t.cpu().contiguous()) for n, t in named])
+            while (chunk := pack_tensors(tensors, lambda item: item[1], DEFAULT_PACKED_BYTES)) is not None:
+                self.communicator.broadcast(chunk.packed_tensor, root=0).wait()
+        else:
+            from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+            packed_nccl_broadcast_producer(iter(named), self.communicator, src=0,
+                                           post_iter_func=lambda item: item[1].to(self._device).contiguous())
 
     def close_communicator(self):
         """Leave the weight-sync group; a server that is already gone is fine."""
@@ -410,9 +447,7 @@ class VLLMClient:
         except VLLMClientError as exc:
             if exc.status_code is not None:
                 raise
-        comm, self.communicator, self._pack_buffers = self.communicator, None, []
-        if comm is not None and hasattr(comm, "shutdown"):  # gloo group; NCCL's goes with the object
-            comm.shutdown()
+        self._leave_group()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -608,7 +643,21 @@ def _as_device(device):
 
     if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
         return torch.device("cuda", int(device))
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # PyNccl asserts an indexed device
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _completed(query, timeout_s, poll_s=0.001):
+    """Whether `query()` (a CUDA event's) turned true within `timeout_s`, polled: a broadcast that never ends
+    must not block the caller."""
+    deadline = time.monotonic() + timeout_s
+    while not query():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def _device_uuid(torch, device):

@@ -71,10 +71,12 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
+import psutil  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from vllm.engine.protocol import EngineClient  # noqa: E402
 from vllm.exceptions import GracefulHTTPError, RetryableRequestError  # noqa: E402
+from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 
 logger = logging.getLogger("vllm_serve")
 
@@ -104,6 +106,9 @@ SHUTDOWN_TIMEOUT_S = 60.0  # on SIGTERM, how long in-flight requests may take to
 SHUTDOWN_ANSWER_S = 2.0  # after --shutdown-timeout, how long the requests cut get to send their 503
 ORPHAN_STOP_TIMEOUT_S = 5.0  # SIGTERM → SIGKILL for engine processes a dead replica left behind
 REPLICA_STOP_TIMEOUT_S = 10.0  # at shutdown, a replica still generating (for nobody) is terminated after this
+ORPHAN_ROUNDS = 5  # at a stop, how many times processes spawned meanwhile are looked for again
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+NCCL_ABORT_GRACE_S = 10.0  # after an NCCL group is destroyed, how long its worker's CUDA stream may take to drain
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM's workers import the extension class by this name
 OPEN_PATHS = {"/health", "/ping", "/metrics"}  # answered without the API key: probes and scrapers
 
@@ -283,11 +288,13 @@ class WeightSyncWorkerExtension:
     """Mixed into every vLLM worker (`worker_extension_cls`): receive broadcast weights from the trainer.
 
     The trainer is the last rank of a group of `world_size`; worker ranks are `rank_offset + tp_rank`.
-    Transport: NCCL (PyNcclCommunicator over a StatelessProcessGroup) on CUDA, gloo on CPU.
+    Transport: --weight-transfer-config's backend. NCCL (PyNcclCommunicator over a StatelessProcessGroup)
+    receives on the worker's GPU; gloo into host memory, which the load copies to the worker's device (so a
+    CPU trainer, or one sharing the only GPU, can sync into CUDA workers).
     Loading goes through vLLM's layerwise reload, which re-packs CPU GEMM weights after the load.
     """
 
-    def init_communicator(self, host, port, world_size, rank_offset, client_device_uuid, timeout_s):
+    def init_communicator(self, host, port, world_size, rank_offset, timeout_s):
         import datetime
 
         import torch
@@ -295,13 +302,12 @@ class WeightSyncWorkerExtension:
 
         self.close_communicator()  # a trainer that died without closing must not block a new one
         rank = rank_offset + get_world_group().rank
-        if self.device.type == "cuda":
+        nccl = self.vllm_config.weight_transfer_config.backend == "nccl"  # only on CUDA (make_configs)
+        self.weight_device = self.device if nccl else torch.device("cpu")
+        if nccl:  # the parent refused a trainer on one of our GPUs (shared_gpu)
             from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
             from vllm.distributed.utils import StatelessProcessGroup
 
-            if client_device_uuid == str(torch.cuda.get_device_properties(self.device).uuid):
-                raise RuntimeError(f"The trainer is on the same CUDA device as vLLM worker {rank} "
-                                   f"({client_device_uuid}); NCCL cannot broadcast within one device.")
             group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
                                                 store_timeout=int(timeout_s))
             self.weight_comm = PyNcclCommunicator(group, device=self.device)
@@ -310,12 +316,28 @@ class WeightSyncWorkerExtension:
 
             self.weight_comm = stateless_init_torch_distributed_process_group(
                 host, port, rank, world_size, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        self.weight_client_rank = world_size - 1
+        self.weight_client_rank, self.weight_timeout_s = world_size - 1, timeout_s
         return rank
 
+    def device_uuid(self):
+        """This worker's GPU, as the trainer's client names its own (`client_device_uuid`); None on CPU."""
+        import torch
+
+        return str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
+
     def close_communicator(self):
+        """Close the group: on close, on a new /init_communicator, and on any error. NCCL's is aborted, which
+        ends a broadcast still waiting for a trainer that died; if this worker's CUDA stream is still blocked
+        after that, the worker exits: its engine then dies, and the server with it (status 1, for a
+        supervisor), rather than hang every later request behind a kernel that never ends."""
         comm, self.weight_comm = getattr(self, "weight_comm", None), None
-        if comm is not None and hasattr(comm, "shutdown"):  # gloo group
+        if comm is not None and hasattr(comm, "destroy"):  # PyNcclCommunicator
+            comm.destroy()
+            if not self._stream_drained(NCCL_ABORT_GRACE_S):
+                logger.critical("vLLM worker: an aborted weight broadcast still blocks CUDA stream of %s; exiting",
+                                self.device)
+                os._exit(1)
+        elif comm is not None:  # gloo group
             try:
                 comm.shutdown()
             except Exception as exc:
@@ -330,11 +352,25 @@ class WeightSyncWorkerExtension:
         """Receive the trainer's next broadcast into `tensor`."""
         if getattr(self, "weight_comm", None) is None:
             raise RuntimeError("No communicator: call /init_communicator first.")
-        if self.device.type == "cuda":
+        if self.weight_device.type == "cuda":
             self.weight_comm.broadcast(tensor, src=self.weight_client_rank)
-            self.weight_comm.group.barrier()
+            self.weight_comm.group.barrier()  # the store's timeout: --weight_sync_timeout
+            if not self._stream_drained(self.weight_timeout_s):
+                raise TimeoutError(f"the trainer's broadcast did not complete within {self.weight_timeout_s:g} s")
         else:
             self.weight_comm.broadcast(tensor, root=self.weight_client_rank).wait()
+
+    def _stream_drained(self, timeout_s):
+        """Whether this worker's CUDA stream finished its queued work within `timeout_s` (polled: a broadcast
+        whose sender died must not block the thread that checks it)."""
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        try:
+            return completed(event.query, timeout_s)
+        except RuntimeError:  # a CUDA error: the stream is unusable
+            return False
 
     def open_reload(self):
         """Open a reload: layers buffer the weights they receive and are re-processed (CPU: GEMM repacking,
@@ -342,31 +378,46 @@ class WeightSyncWorkerExtension:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
         if not getattr(self, "weight_update_open", False):
-            initialize_layerwise_reload(self.model_runner.get_model())
+            with self._configured():
+                initialize_layerwise_reload(self.model_runner.get_model())
             self.weight_update_open, self.weight_update_names = True, set()
 
     def close_reload(self):
-        """Close the reload; True if one was open. Re-ties a tied lm_head to the new embedding."""
+        """Close the reload; True if one was open. Re-ties a tied lm_head to the new embedding, then drops what
+        the old weights computed, as vLLM's own `reload_weights` does: LoRA state, encoder and multimodal caches
+        (a vision model would reuse image embeddings of the old weights)."""
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
         if not getattr(self, "weight_update_open", False):
             return False
-        model = self.model_runner.get_model()
-        finalize_layerwise_reload(model, self.model_runner.model_config)
+        model, runner = self.model_runner.get_model(), self.model_runner
+        with self._configured():
+            finalize_layerwise_reload(model, runner.model_config)
         self.weight_update_open = False
         retie_lm_head(model, self.weight_update_names)
+        runner.reset_lora_state()
+        runner.reset_encoder_cache()
+        runner.reset_mm_cache()
         return True
 
     def _load(self, named_tensors):
         self.open_reload()
-        self.model_runner.get_model().load_weights(named_tensors)
+        with self._configured():
+            self.model_runner.get_model().load_weights(named_tensors)
         self.weight_update_names.update(name for name, _ in named_tensors)
+
+    def _configured(self):
+        """vLLM's config as the current one: fp8, MoE and attention-scale post-processing read it (gpu_worker.py
+        wraps its own weight updates the same way)."""
+        from vllm.config import set_current_vllm_config
+
+        return set_current_vllm_config(self.vllm_config)
 
     def update_named_param(self, name, dtype, shape):
         """Legacy path: one tensor per call; the reload stays open until `close_reload`."""
         import torch
 
-        weight = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=self.device)
+        weight = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=self.weight_device)
         with self._closed_on_error():
             self._broadcast(weight)
         self._load([(name, weight)])
@@ -380,7 +431,7 @@ class WeightSyncWorkerExtension:
 
         with self._closed_on_error():
             for size, tensors in weight_buckets(metas, bucket_bytes):
-                buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+                buffer = torch.empty(size, dtype=torch.uint8, device=self.weight_device)
                 self._broadcast(buffer)
                 named = []
                 for name, dtype, shape, offset, nbytes in tensors:
@@ -399,6 +450,16 @@ class WeightSyncWorkerExtension:
         except Exception:
             self.close_communicator()
             raise
+
+
+def completed(query, timeout_s, poll_s=0.001):
+    """Whether `query()` turned true within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not query():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def weight_buckets(metas, bucket_bytes):
@@ -586,7 +647,8 @@ class Replica:
         config = self.engine.model_config
         return {"pid": os.getpid(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "supported_tasks": tuple(self.engine.get_supported_tasks()),
-                "quantization": config.quantization}  # method name (e.g. "fp8", "compressed-tensors") or None
+                "quantization": config.quantization,  # method name (e.g. "fp8", "compressed-tensors") or None
+                "gpu_uuids": self.engine.collective_rpc("device_uuid")}
 
     def round(self, requests, aborts, wait_s):
         """→ (outputs, errors, aborted): RequestOutputs since the last round, [(key, message)] for requests
@@ -616,6 +678,8 @@ class Replica:
         """One engine step; an engine failure fails the requests it was running, not the replica."""
         try:
             outputs = self.engine.step()
+        except EngineDeadError:  # the replica exits with its engine (replica_main)
+            raise
         except Exception as exc:
             logger.exception("replica %d: engine step failed", self.rank)
             errors += [(key, f"{type(exc).__name__}: {exc}") for key in self.unfinished]
@@ -676,9 +740,8 @@ class Replica:
         self.finish_weight_update()
         return self.engine.reset_prefix_cache()
 
-    def init_communicator(self, host, port, world_size, rank_offset, client_device_uuid, timeout_s):
-        return self.engine.collective_rpc("init_communicator", args=(host, port, world_size, rank_offset,
-                                                                     client_device_uuid, timeout_s))
+    def init_communicator(self, host, port, world_size, rank_offset, timeout_s):
+        return self.engine.collective_rpc("init_communicator", args=(host, port, world_size, rank_offset, timeout_s))
 
     def update_named_param(self, name, dtype, shape):
         self.weights_pending = True
@@ -727,6 +790,10 @@ def replica_main(config, rank, log_stats, conn):
             if method not in REPLICA_METHODS:
                 raise ValueError(f"unknown method {method!r}")
             reply = ("ok", getattr(replica, method)(*args))
+        except EngineDeadError:  # its EngineCore or a model worker died: the parent sees this process die
+            logger.exception("replica %d: its vLLM engine died", rank)
+            replica.shutdown()
+            sys.exit(1)
         except Exception as exc:
             logger.exception("replica %d: %s failed", rank, method)
             reply = ("error", f"{type(exc).__name__}: {exc}")
@@ -743,19 +810,29 @@ class ReplicaError(Exception):
     pass
 
 
+def replica_envs(dp, world, on_cuda, visible, gpus, cores):
+    """The environment each of `dp` replicas of `world` (tp x pp) workers is spawned with: its own GPUs on
+    CUDA (a slice of CUDA_VISIBLE_DEVICES `visible`, else of the `gpus` the driver counts), its own core on
+    CPU. → [{name: value}]; ValueError when the GPUs are too few (vLLM would otherwise stack every replica
+    on the same devices)."""
+    if on_cuda:
+        ids = visible.split(",")[:gpus] if visible else [str(i) for i in range(gpus)]
+        if dp * world > len(ids):
+            raise ValueError(f"{dp} data-parallel replica(s) x {world} GPU(s) each need {dp * world} GPUs; "
+                             f"{len(ids)} visible (CUDA_VISIBLE_DEVICES={visible!r}). Lower "
+                             f"--data-parallel-size or --tensor-parallel-size.")
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[r * world:(r + 1) * world])} if dp > 1 else {}
+                for r in range(dp)]
+    if dp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # replicas must not share cores
+        return [{"VLLM_CPU_OMP_THREADS_BIND": str(r % cores)} for r in range(dp)]
+    return [{} for _ in range(dp)]
+
+
 @contextlib.contextmanager
-def replica_env(rank, tp, dp):
-    """The environment replica `rank` is spawned with: its GPU slice on CUDA, its core on CPU."""
-    env, saved = {}, {}
-    if dp > 1:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = visible.split(",") if visible else [str(i) for i in range(gpu_count())]
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[rank * tp:(rank + 1) * tp])
-        elif "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # replicas must not share cores
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(rank % os.cpu_count())
-    for key, value in env.items():
-        saved[key], os.environ[key] = os.environ.get(key), value
+def environment(env):
+    """`os.environ` with `env` on top, for a spawn that copies it."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         yield
     finally:
@@ -766,25 +843,35 @@ def replica_env(rank, tp, dp):
                 os.environ[key] = value
 
 
-def gpu_count():
-    import subprocess
-
+def running(process, name=""):
+    """Whether a psutil process still runs (neither gone, PID reuse checked, nor a zombie nobody reaped) and its
+    name starts with `name`."""
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-        return len([line for line in out.stdout.splitlines() if line.startswith("GPU")])
-    except (OSError, subprocess.SubprocessError):
-        return 0
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE and process.name().startswith(name)
+    except psutil.Error:
+        return False
+
+
+def spawned_by_us():
+    """This process's descendants, but its multiprocessing resource tracker (it exits with us)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(process.cmdline()):
+                found.append(process)
+    return found
 
 
 class Replicas:
     """The replica processes, from spawn to stop, the engine processes under them included. Every pipe
     exchange holds `lock` from its first send to its last receive."""
 
-    def __init__(self, configs, tp, log_stats):
-        self.configs, self.tp, self.log_stats = configs, tp, log_stats
+    def __init__(self, configs, envs, log_stats):
+        self.configs, self.envs, self.log_stats = configs, envs, log_stats
         self.lock = asyncio.Lock()
         self.processes, self.conns, self.infos = [], [], []
         self.engine_processes = []  # the processes under the replicas, as last seen (watch)
+        self.vllm_processes = []
         self.background = set()
 
     def __len__(self):
@@ -801,7 +888,7 @@ class Replicas:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         for rank, config in enumerate(self.configs):
             parent_conn, child_conn = ctx.Pipe()
-            with replica_env(rank, self.tp, len(self.configs)):
+            with environment(self.envs[rank]):
                 process = ctx.Process(target=replica_main, args=(config, rank, self.log_stats, child_conn),
                                       name=f"replica-{rank}")
                 process.start()
@@ -810,6 +897,8 @@ class Replicas:
             self.conns.append(parent_conn)
         self.infos = [self._recv(rank, timeout=timeout, what="start") for rank in range(len(self))]
         self.engine_processes = self.find_engine_processes()
+        # vLLM's own processes (EngineCore, model workers; named by setproctitle) live as long as their engine
+        self.vllm_processes = [p for p in self.engine_processes if running(p, "VLLM::")]
 
     def _recv(self, rank, timeout=None, what="reply"):
         """Read one message; a dead replica or an expired timeout raises instead of hanging."""
@@ -878,13 +967,12 @@ class Replicas:
         task.add_done_callback(self.background.discard)
 
     def alive(self):
-        return all(p.is_alive() for p in self.processes)
+        """Every replica and every vLLM process under them (an engine whose worker died is dead too)."""
+        return all(p.is_alive() for p in self.processes) and all(running(p) for p in self.vllm_processes)
 
     def find_engine_processes(self):
         """The processes under the replicas: in vLLM's multiprocess layout, each one's EngineCore and model
         workers. They are reparented, not stopped, when a replica is killed."""
-        import psutil
-
         found = []
         for process in self.processes:
             with contextlib.suppress(psutil.Error):
@@ -910,25 +998,40 @@ class Replicas:
         return False
 
     def stop(self, timeout=REPLICA_STOP_TIMEOUT_S):
-        """Ask every replica to shut its engine down and exit; then stop whatever a killed or hung one
-        left behind."""
+        """Ask every replica to shut its engine down and exit; then stop whatever a killed, hung or still loading
+        one left behind. A stop may come at any moment of start-up: engine processes are looked for while
+        their replica still is their parent, and a replica that is not ready yet is not waited for."""
         for conn in self.conns:
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("shutdown", ()))
         for process in self.processes:
-            process.join(timeout)
+            process.join(timeout if self.infos else 0)
+        left = self.engine_processes + self.find_engine_processes()
+        for process in self.processes:
             if process.is_alive():
                 process.terminate()
                 process.join(5)
             if process.is_alive():
                 process.kill()
-        stop_processes(self.engine_processes)
+        stop_processes(left)
+        for _ in range(ORPHAN_ROUNDS):  # spawned while their parent was being stopped: adopted by this process
+            orphans = spawned_by_us()
+            if not orphans:
+                break
+            stop_processes(orphans)
+
+
+def adopt_orphans():
+    """Become the subreaper of this process tree (Linux): an engine process whose parent is stopped mid start-up
+    is then re-parented here, not to init, and a stop still finds it."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def stop_processes(processes, timeout=ORPHAN_STOP_TIMEOUT_S):
     """SIGTERM, wait, SIGKILL what is left; processes already gone are skipped (psutil checks PID reuse)."""
-    import psutil
-
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.terminate()
@@ -1147,6 +1250,12 @@ class Batcher:
         return sum(p.sent for p in self.pending.values())
 
 
+def shared_gpu(client_uuid, worker_uuids):
+    """The trainer's GPU if one of the workers uses it too (NCCL cannot broadcast within one device), else None.
+    UUIDs as torch names them (`get_device_properties(d).uuid`); CPU workers have None."""
+    return client_uuid if client_uuid in set(worker_uuids) - {None} else None
+
+
 class WeightSync:
     """The one owner of weight-sync state, for both dialects: TRL's (the trainer is the last rank of a group
     our extension forms, /init_communicator) and stock vLLM's (the trainer is rank 0 of a group vLLM's
@@ -1234,11 +1343,16 @@ class WeightSync:
 
     async def open(self, host, port, client_device_uuid):
         self.check_init()
+        gpu = shared_gpu(client_device_uuid, [u for info in self.replicas.infos for u in info["gpu_uuids"]])
+        if gpu and self.backend == "nccl":  # gloo goes through host memory: any device will do
+            raise APIError(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL cannot "
+                           "broadcast within one device. Put the trainer on another GPU (CUDA_VISIBLE_DEVICES).",
+                           param="client_device_uuid")
         await self.replace()
         self.dialect = "legacy"
         world_size = self.world_size + 1
         await self.replicas.fire({rank: ("init_communicator", (host, port, world_size, rank * self.args.tensor_parallel_size,
-                                                               client_device_uuid, self.args.weight_sync_timeout))
+                                                               self.args.weight_sync_timeout))
                                   for rank in range(len(self.replicas))}, self.failed)
         return world_size
 
@@ -2070,8 +2184,8 @@ async def supervise(server: Server):
     while not watch.done() and not server.uvicorn_server.should_exit:
         await asyncio.wait({watch}, timeout=0.1)
     if watch.done():
-        logger.error("a vLLM replica died; exiting with status 1 in %.0f s so a supervisor restarts the server",
-                     REPLICA_DEATH_GRACE_S)
+        logger.error("a vLLM replica or its engine died; exiting with status 1 in %.0f s so a supervisor restarts "
+                     "the server", REPLICA_DEATH_GRACE_S)
         server.exit_code = 1
         if server.batcher.failure is None:  # else the batcher saw it first, from a broken pipe
             server.batcher.fail_all(RetryableRequestError(
@@ -2132,11 +2246,20 @@ def main(argv=None):
     # SIGTERM unwinds main() so the replicas are always stopped; uvicorn re-raises it after its own
     # graceful shutdown, which then ends here as a clean exit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    adopt_orphans()
+    from vllm.platforms import current_platform
+
     parent_config, replica_configs = make_configs(args)
-    replicas = Replicas(replica_configs, args.tensor_parallel_size, log_stats=not args.disable_log_stats)
+    on_cuda = parent_config.device_config.device_type == "cuda"
+    try:
+        envs = replica_envs(len(replica_configs), parent_config.parallel_config.world_size, on_cuda,
+                            os.environ.get("CUDA_VISIBLE_DEVICES"), current_platform.device_count() if on_cuda
+                            else 0, os.cpu_count())
+    except ValueError as exc:
+        sys.exit(f"vllm_serve.py: error: {exc}")
+    replicas = Replicas(replica_configs, envs, log_stats=not args.disable_log_stats)
     batcher = Batcher(replicas, args.batch_wait_ms / 1000, args.round_wait_ms / 1000)
-    weight_sync = WeightSync(args, replicas, batcher, parent_config.weight_transfer_config.backend,
-                             on_cuda=parent_config.device_config.device_type == "cuda")
+    weight_sync = WeightSync(args, replicas, batcher, parent_config.weight_transfer_config.backend, on_cuda)
     server = Server(args, replicas, batcher, weight_sync)
     try:
         replicas.start(args.replica_start_timeout)

@@ -71,6 +71,8 @@ LLM_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, kv_cac
 SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
                "--kv-cache-memory-bytes", str(64 << 20)]  # LLM_KWARGS as flags, spelled as both servers accept
 STOCK_ARGS = ["--max-logprobs", "-1", "--logprobs-mode", "processed_logprobs", "--seed", "0"]  # ours' defaults
+# gloo is the default on CPU; on a GPU box it lets the tests' CPU trainer sync into CUDA workers
+OURS_ARGS = ["--weight-transfer-config", '{"backend": "gloo"}']
 
 
 def reference(llm, prompts, params=None, **sampling):
@@ -168,7 +170,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = pathlib.Path(log_dir) / f"{self.name}-{self.port}.log"
         entry = [str(ROOT / "vllm_serve.py")] if kind == "ours" else ["-m", "vllm.entrypoints.openai.api_server"]
-        extra = STOCK_ARGS if kind == "stock" else []
+        extra = STOCK_ARGS if kind == "stock" else OURS_ARGS
         self.args = [sys.executable, *entry, "--model", model, "--served-model-name", served_name,
                      "--host", "127.0.0.1", "--port", str(self.port), *extra, *args]
         self.env = {**os.environ, **ENV, **(env or {})}
@@ -180,8 +182,9 @@ class Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "w")
         self.launched = time.perf_counter()
+        # its own process group: a test can Ctrl-C the server's whole tree (os.killpg), and nothing else
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=str(ROOT))
+                                     cwd=str(ROOT), start_new_session=True)
         return self
 
     def wait_healthy(self, timeout=HEALTH_TIMEOUT_S):

@@ -3,6 +3,7 @@ and flags, the refused layout flags, a YAML `--config` with an `env:` mapping, a
 (the parent reports N replicas; each replica's engine has data-parallel size 1 and its own seed)."""
 
 import json
+import os
 
 import pytest
 
@@ -62,3 +63,23 @@ def test_replicas_get_data_parallel_size_1_their_own_seed_and_the_extension(mode
     assert seeds[0] == 5 and len(set(seeds)) == 3  # rank 0 keeps --seed; the others derive theirs, as vLLM does
     assert seeds == [vllm_serve.replica_seed(5, rank) for rank in range(3)]
     assert {c.parallel_config.worker_extension_cls for c in replicas} == {"vllm_serve.WeightSyncWorkerExtension"}
+
+
+@pytest.mark.parametrize("model, offline", [("org/name", "unset"), (None, "1")])
+def test_make_serve_reaches_the_hub_only_for_a_named_model(model, offline, tmp_path):
+    """`make serve MODEL=org/name` on a fresh box must download it; the tiny model (and the tests) stay offline.
+    The recipe runs with PY replaced by a probe that prints what the server would see."""
+    import subprocess
+    import sys
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "config.json").write_text("{}")  # the tiny model exists: not rebuilt
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".complete").touch()  # and so does the venv
+    probe = f"{sys.executable} -c 'import os; print(\"HF_HUB_OFFLINE=\" + os.environ.get(\"HF_HUB_OFFLINE\", \"unset\"))'"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "-s", "serve", f"PY={probe}", f"TINY={tiny}", f"VENV={tmp_path / 'venv'}",
+                          *([f"MODEL={model}"] if model else [])], cwd=vllm_serve.pathlib.Path(vllm_serve.__file__).parent,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == f"HF_HUB_OFFLINE={offline}", out

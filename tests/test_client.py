@@ -239,7 +239,7 @@ def test_client_packing_reads_back_exactly_with_the_server_layout():
         loaded.clear()
         vllm_client._broadcast_buckets(Group(), 1, vllm_client._buckets(named, bucket_bytes), [])
         worker = vllm_serve.WeightSyncWorkerExtension()
-        worker.device = torch.device("cpu")
+        worker.weight_device = torch.device("cpu")
         worker._broadcast = lambda buffer: buffer.copy_(sent.pop(0))  # fails on a size mismatch
         worker._load = loaded.extend
         worker.close_reload = lambda: True

@@ -238,8 +238,9 @@ def events(text):
 def reassembled(payloads):
     """A stream as values that do not depend on where chunk boundaries fall: per choice, the text, content,
     reasoning, tool-call names and arguments, token ids and logprobs concatenated, the last finish reason;
-    plus the usage, the event types (responses), the [DONE] marker, and the set of chunk shapes."""
-    choices, other, shapes = {}, [], set()
+    plus the last usage (continuous usage stats put one in every chunk: their count is the chunk count), the
+    event types (responses), the [DONE] marker, and the set of chunk shapes."""
+    choices, other, shapes, usage = {}, [], set(), None
     for payload in payloads:
         if payload == "[DONE]":
             other.append("[DONE]")
@@ -251,8 +252,7 @@ def reassembled(payloads):
             if payload["type"] == "response.completed":  # and the final response, the whole text in it
                 other.append(payload["response"])
             continue
-        if payload.get("usage"):
-            other.append(payload["usage"])
+        usage = payload.get("usage") or usage
         for choice in payload.get("choices", []):
             merged = choices.setdefault(choice["index"], {})
             delta = choice.get("delta") or {}
@@ -272,7 +272,7 @@ def reassembled(payloads):
                         merged.setdefault("logprobs", {}).setdefault(key, []).extend(value)
             if choice.get("finish_reason") is not None:
                 merged["finish_reason"] = choice["finish_reason"]
-    return {"choices": choices, "other": other, "shapes": sorted(shapes)}
+    return {"choices": choices, "other": other, "usage": usage, "shapes": sorted(shapes)}
 
 
 def shape(value):

@@ -38,7 +38,8 @@ PROMPTS = support.PROMPTS[:3]
 CHAT = support.CHATS[0]
 MAX_TOKENS = 8
 CASE_TIMEOUT_S = 60  # one fuzz case; longer is a hang
-BODYLESS_ROUTES = {"/reset_prefix_cache", "/close_communicator", "/metrics", "/ping", "/load", "/version"}  # read
+BODYLESS_ROUTES = {"/reset_prefix_cache", "/close_communicator", "/metrics", "/ping", "/load", "/version", "/pause",
+                   "/resume", "/shutdown_weight_transfer_engine"}  # read
 #                  no body: any POST answers 200
 FUZZ_EXAMPLES = {"generation": 160, "weight_sync": 60, "raw_http": 60}
 FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -241,6 +242,7 @@ def test_nothing_received_is_unpickled(server, expected, tmp_path):
             response = requests.post(server.url + path, data=blob, headers={**AUTH, "Content-Type": content_type},
                                      timeout=60)
             assert 400 <= response.status_code < 500 or path.rstrip("/") in BODYLESS_ROUTES, (path, response.text)
+    assert not server.health()["paused"]  # /resume came after /pause
     for path, body in [
             ("/generate/", {"prompts": ["Hi"], "images": [[b64]], "max_tokens": 2}),
             ("/chat/", {"messages": [[{"role": "user", "content": [{"type": "image_pil", "image_pil": b64}]}]]}),
@@ -367,8 +369,12 @@ def check_response(response, path, body, report):
     assert response.status_code < 500, (path, repr(body)[:800], response.text[:800])
     if response.status_code != 200:
         assert_error_shape(response)
+    elif not response.content:  # a body-less answer (/ping, as stock)
+        assert path.rstrip("/") in BODYLESS_ROUTES, path
     elif response.headers["content-type"].startswith("text/event-stream"):
         assert response.text.rstrip().endswith("data: [DONE]"), response.text[-300:]
+    elif path.rstrip("/") == "/metrics":  # Prometheus' text format, for any method (as stock)
+        assert "vllm:" in response.text, response.text[:300]
     else:
         assert isinstance(response.json(), dict)
 
@@ -481,6 +487,8 @@ def test_fuzz_raw_http(server, fuzz_report):
         check_response(response, path, body[:200], fuzz_report)
         if len(body) > BODY_CAP and not (chunked and path.rstrip("/") in BODYLESS_ROUTES):
             assert response.status_code == 413, (path, response.text)
+        if path.rstrip("/") == "/pause" and response.status_code == 200:  # a body-less route: it did pause
+            assert post(server, "/resume", {}).status_code == 200
 
     case()
     # hostile framing, below the HTTP parser: each connection gets a 4xx (or is closed), never a 5xx or a hang
@@ -660,19 +668,28 @@ def in_flight(server, body, answers, name):
     return thread
 
 
-def test_worker_killed_mid_batch_fails_fast_and_exits_nonzero(models, start_server):
+def model_worker_process(server):
+    """vLLM's model worker under the replica's EngineCore (the process that holds the GPU on a GPU box)."""
+    (worker,) = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if p.name() == "VLLM::Worker"]
+    return worker
+
+
+@pytest.mark.parametrize("victim", [replica_process, model_worker_process], ids=["replica", "vllm-worker"])
+def test_worker_killed_mid_batch_fails_fast_and_exits_nonzero(models, start_server, victim):
     """vLLM's multiprocess layout (engine core and model worker in their own processes), as in production:
-    a killed worker must not leave them behind. The requests in flight are endless, so only the kill can
-    end them: each must get a 503 (a server that missed the death would keep them until the hang guard)."""
+    a killed replica must not leave them behind, and a killed model worker (a CUDA crash, an OOM kill, a
+    worker that exits on a blocked stream) takes the server down too instead of leaving a dead engine behind
+    a 200 /health. The requests in flight are endless, so only the kill can end them: each must get a 503
+    (a server that missed the death would keep them until the hang guard)."""
     server = start_server(models["seed0"], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_API_KEY": API_KEY},
-                          name="worker-kill")
+                          name=f"kill-{victim.__name__}")
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     assert len(tree) >= 3, tree  # resource tracker, worker, engine core (+ its model worker)
     try:
-        replica, answers = replica_process(server), {}
+        process, answers = victim(server), {}
         threads = [in_flight(server, endless(PROMPTS[i], n=1024), answers, i) for i in range(3)]
         server.wait_for_health(lambda h: h["requests_running"] == 3)  # all three in the engine
-        replica.send_signal(signal.SIGKILL)
+        process.send_signal(signal.SIGKILL)
         for thread in threads:
             thread.join(HANG_S)
         assert len(answers) == 3, answers

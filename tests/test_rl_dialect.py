@@ -130,6 +130,21 @@ def stream_chunks(server, body, chunks, done):
     return thread
 
 
+def streams_under_way(server, count, max_tokens=3000):
+    """`count` streams of `max_tokens`, all mid-generation on return: sent while the server holds new requests
+    (paused), admitted together at the resume, and each has its first token. They cannot finish before the
+    caller acts: max_tokens decode steps lie ahead of each. → [(chunks, done)]."""
+    assert server.post("/pause?mode=keep", {}).status_code == 200
+    streams = [([], threading.Event()) for _ in range(count)]
+    for i, (chunks, done) in enumerate(streams):
+        stream_chunks(server, {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 1.0,
+                               "ignore_eos": True, "return_token_ids": True}, chunks, done)
+    server.wait_for_health(lambda h: h["requests_waiting"] == count)
+    assert server.post("/resume", {}).status_code == 200
+    wait_until(lambda: all(chunks for chunks, _ in streams), "every stream's first token")
+    return streams
+
+
 @pytest.fixture(scope="module")
 def long_server(models, start_server):
     srv = start_server(models["seed0"], *LONG_SERVER_ARGS, "--weight-sync-timeout", "600", name="rl-pause", env=MP)
@@ -184,11 +199,7 @@ def test_keep_during_a_sync_loses_no_stream(models, long_server, expected, refer
     """16 streams mid-generation when a stock-dialect sync pauses with "keep": every stream completes with
     all its tokens, none cut or lost. (vLLM 0.32 preempts the frozen requests: after the sync they are
     recomputed on the new weights, so a kept stream's later tokens come from the new model.)"""
-    streams = [([], threading.Event()) for _ in range(16)]
-    for i, (chunks, done) in enumerate(streams):
-        stream_chunks(long_server, {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 3000, "temperature": 1.0,
-                                    "ignore_eos": True, "return_token_ids": True}, chunks, done)
-    long_server.wait_for_health(lambda h: h["requests_running"] == 16)
+    streams = streams_under_way(long_server, 16)
     client = stock_client(long_server, pause_mode="keep")
     assert long_server.post("/pause?mode=keep", {}).status_code == 200  # frozen: none can finish meanwhile
     assert long_server.health()["requests_running"] == 16
@@ -199,11 +210,7 @@ def test_keep_during_a_sync_loses_no_stream(models, long_server, expected, refer
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     client.close_communicator()
     # the same through TRL's legacy protocol: a batched update that asks to keep the running requests
-    streams = [([], threading.Event()) for _ in range(8)]
-    for i, (chunks, done) in enumerate(streams):
-        stream_chunks(long_server, {"prompt": PROMPTS[i], "max_tokens": 3000, "temperature": 1.0,
-                                    "ignore_eos": True, "return_token_ids": True}, chunks, done)
-    long_server.wait_for_health(lambda h: h["requests_running"] == 8)
+    streams = streams_under_way(long_server, 8)
     legacy = VLLMClient(base_url=long_server.url, group_port=free_port(), timeout=HANG_S, pause_mode="keep")
     legacy.init_communicator(device="cpu")
     legacy.update_named_params(checkpoint(models["seed0"]))
