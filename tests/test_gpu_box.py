@@ -72,6 +72,52 @@ def test_a_deadline_poll_gives_up_on_what_never_completes():
     assert not vllm_client._completed(lambda: False, timeout_s=0)
 
 
+class NcclGroup:
+    """A stand-in for PyNcclCommunicator (pure unit tests): its calls return at once, `destroy` is recorded."""
+
+    def __init__(self):
+        self.destroyed = False
+        self.group = self
+
+    def broadcast(self, tensor, src):
+        pass
+
+    def barrier(self):
+        pass
+
+    def destroy(self):
+        self.destroyed = True
+
+
+@pytest.mark.parametrize("drained", [True, False])
+def test_a_broadcast_past_its_deadline_destroys_the_group_and_a_blocked_stream_ends_the_worker(monkeypatch,
+                                                                                                drained):
+    """The worker's side of the NCCL lifecycle: a broadcast whose stream does not drain within the deadline
+    raises, the group is destroyed (NCCL's abort), and if the stream is still blocked after that the worker
+    process exits (its engine dies, and the server exits 1 for its supervisor: tests/test_reliability.py)."""
+    worker = vllm_serve.WeightSyncWorkerExtension()
+    worker.weight_comm, worker.weight_client_rank, worker.weight_timeout_s = NcclGroup(), 1, 5
+    worker.device = worker.weight_device = torch.device("cuda", 0)
+    comm, checks, exits = worker.weight_comm, [], []
+    # the broadcast's own check never drains; the one after the abort drains or not
+    monkeypatch.setattr(worker, "_stream_drained", lambda timeout_s: checks.append(timeout_s) or
+                        (drained and len(checks) > 1))
+    monkeypatch.setattr(vllm_serve.os, "_exit", exits.append)
+    with pytest.raises(TimeoutError, match="did not complete within 5 s"):
+        with worker._closed_on_error():
+            worker._broadcast(torch.empty(4))
+    assert comm.destroyed and worker.weight_comm is None
+    assert checks == [5, vllm_serve.NCCL_ABORT_GRACE_S] and exits == ([] if drained else [1])
+
+
+def test_the_client_destroys_its_nccl_communicator_when_it_leaves():
+    client = vllm_client.VLLMClient.__new__(vllm_client.VLLMClient)  # no server: the group alone
+    client.communicator, client._pack_buffers = NcclGroup(), []
+    comm = client.communicator
+    client._leave_group()
+    assert comm.destroyed and client.communicator is None
+
+
 # ------------------------------------------------------------------------------------------------
 # A stop at any moment of start-up
 # ------------------------------------------------------------------------------------------------
