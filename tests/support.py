@@ -91,6 +91,23 @@ def greedy_ids(llm, prompts, max_tokens):
             for o in reference(llm, prompts, temperature=0, max_tokens=max_tokens, ignore_eos=True)]
 
 
+def checkpoint(model_dir):
+    """A trainer's tensors: the checkpoint's [(name, tensor)], in its order."""
+    from safetensors.torch import load_file
+
+    return list(load_file(str(pathlib.Path(model_dir) / "model.safetensors")).items())
+
+
+class Trained:
+    """The smallest `model` VLLMClient.update_model_params accepts: named_parameters() over `tensors`."""
+
+    def __init__(self, tensors):
+        self.tensors = dict(tensors)
+
+    def named_parameters(self):
+        return iter(self.tensors.items())
+
+
 def chat_prompt_ids(tokenizer, messages, **kwargs):
     """What a server renders for a conversation: the template's text, tokenized without special tokens."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)

@@ -9,7 +9,6 @@ import base64
 import http.server
 import io
 import json
-import pathlib
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import pytest
 
 import support
 from support import CHATS as CONVERSATIONS
-from support import HANG_S, ROOT, free_port, greedy_ids
+from support import HANG_S, ROOT, Trained, checkpoint, free_port, greedy_ids
 from vllm_client import VLLMClient, VLLMClientError
 
 PROMPTS = support.PROMPTS[3:5]
@@ -49,22 +48,6 @@ def greedy_refs(models, reference_llm):
 
 def greedy(c):
     return c.generate(PROMPTS, **GREEDY)["completion_ids"]
-
-
-def load_weights(model_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(pathlib.Path(model_dir) / "model.safetensors"))
-
-
-class StateDictModel:
-    """What update_model_params reads from a model: named_parameters()."""
-
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def named_parameters(self):
-        return iter(self.tensors.items())
 
 
 def flat(nested):
@@ -186,7 +169,7 @@ def test_init_communicator_device_spellings(client, models, greedy_refs, device)
     try:
         assert client.rank == client.get_world_size() and client.communicator is not None
         name = "model.norm.weight"  # pushed unchanged: the shared server keeps seed-0 weights
-        client.update_named_param(name, load_weights(models["seed0"])[name])
+        client.update_named_param(name, dict(checkpoint(models["seed0"]))[name])
         client.reset_prefix_cache()
     finally:
         client.close_communicator()
@@ -439,7 +422,7 @@ def weights_client(models, start_server):
 
 def push(c, model_dir, **kwargs):
     """One sync step as a TRL trainer does it: push the weights, then reset the prefix cache."""
-    c.update_model_params(StateDictModel(load_weights(model_dir)), **kwargs)
+    c.update_model_params(Trained(checkpoint(model_dir)), **kwargs)
     c.reset_prefix_cache()
 
 
@@ -453,7 +436,7 @@ def test_update_model_params_changes_outputs(weights_client, models, greedy_refs
 
 def test_update_named_params_in_small_buckets(weights_client, models, greedy_refs):
     push(weights_client, models["seed0"])  # a known state, whatever the previous test left
-    weights_client.update_named_params(load_weights(models["seed1"]).items(), bucket_bytes=128 << 10)
+    weights_client.update_named_params(checkpoint(models["seed1"]), bucket_bytes=128 << 10)
     weights_client.reset_prefix_cache()
     assert greedy(weights_client) == greedy_refs["seed1"]
 
@@ -467,7 +450,7 @@ def test_update_model_params_one_tensor_at_a_time(weights_client, models, greedy
 def test_weight_update_block_pushes_and_resets(weights_client, models, greedy_refs):
     push(weights_client, models["seed0"])
     with weights_client.weight_update() as client:  # newer TRL's context manager
-        client.update_named_params(load_weights(models["seed1"]).items())
+        client.update_named_params(checkpoint(models["seed1"]))
     assert greedy(weights_client) == greedy_refs["seed1"]
 
 
@@ -485,7 +468,7 @@ def test_reset_prefix_cache_ends_a_per_parameter_sync_and_serves_the_new_weights
 
     push(weights_client, models["seed0"])
     assert answer() == greedy_ids(reference_llm(models["seed0"]), [long_prompt], 16)  # now cached
-    for name, tensor in load_weights(models["seed1"]).items():
+    for name, tensor in checkpoint(models["seed1"]):
         weights_client.update_named_param(name, tensor)
     weights_client.reset_prefix_cache()
     assert answer() == greedy_ids(reference_llm(models["seed1"]), [long_prompt], 16)
@@ -508,7 +491,7 @@ def test_our_client_syncs_weights_into_stock_vllm(models, greedy_refs, tmp_path)
             client.init_communicator(device="cpu")
             assert client.weight_sync == "stock"
             for name in ("seed1", "seed0"):
-                client.update_model_params(StateDictModel(load_weights(models[name])))
+                client.update_model_params(Trained(checkpoint(models[name])))
                 client.reset_prefix_cache()
                 assert greedy(client) == greedy_refs[name]
             client.close_communicator()

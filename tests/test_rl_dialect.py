@@ -4,24 +4,18 @@ sync is checked exact: greedy outputs equal a fresh in-process engine loaded fro
 Servers run vLLM's default multiprocess layout, where the engine pauses as stock's does."""
 
 import json
-import pathlib
 import socket
 import threading
 
 import pytest
 import requests
 
-from support import GREEDY, HANG_S, LONG_SERVER_ARGS, PROMPTS, free_port, greedy_ids, unending, wait_until
+from support import (GREEDY, HANG_S, LONG_SERVER_ARGS, PROMPTS, Trained, checkpoint, free_port, greedy_ids, unending,
+                     wait_until)
 from vllm_client import VLLMClient, VLLMClientError
 
 MAX_TOKENS = 12
 MP = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-
-
-def checkpoint(model_dir):
-    from safetensors.torch import load_file
-
-    return list(load_file(str(pathlib.Path(model_dir) / "model.safetensors")).items())
 
 
 def greedy(server, headers=None):
@@ -50,7 +44,7 @@ def test_stock_dialect_syncs_exactly_and_one_group_is_open_at_a_time(models, sta
     try:
         assert greedy(server) == expected["seed0"]
         client = stock_client(server)
-        client.update_model_params(StateDict(checkpoint(models["seed1"])))  # pause(wait), start, update, finish
+        client.update_model_params(Trained(checkpoint(models["seed1"])))  # pause(wait), start, update, finish
         client.reset_prefix_cache()
         assert greedy(server) == expected["seed1"]
         with client.weight_update():  # TRL 1.16's block, and its (metadata, iterator) call form
@@ -77,14 +71,6 @@ def test_stock_dialect_syncs_exactly_and_one_group_is_open_at_a_time(models, sta
         assert server.get("/weight_info").status_code == 200
     finally:
         server.stop()
-
-
-class StateDict:
-    def __init__(self, named):
-        self.named = named
-
-    def named_parameters(self):
-        return iter(self.named)
 
 
 def test_stock_dialect_data_parallel_2_and_tied_embeddings(models, start_server, expected):

@@ -13,17 +13,10 @@ import threading
 import pytest
 import requests
 
-from support import GREEDY, HANG_S, PROMPTS, ROOT, free_port, greedy_ids, wait_until
+from support import GREEDY, HANG_S, PROMPTS, ROOT, Trained, checkpoint, free_port, greedy_ids, wait_until
 from vllm_client import VLLMClient, VLLMClientError
 
 MAX_TOKENS = 12
-
-
-def checkpoint(model_dir):
-    """The trainer's tensors, in checkpoint names and order."""
-    from safetensors.torch import load_file
-
-    return list(load_file(str(pathlib.Path(model_dir) / "model.safetensors")).items())
 
 
 def greedy(server):
@@ -78,22 +71,12 @@ def test_data_parallel_2_updates_every_rank(models, start_server, expected):
     try:
         client = connect(server)
         assert client.get_world_size() == 2
-        client.update_model_params(ParamsOf(checkpoint(models["seed1"])))  # batched by default
+        client.update_model_params(Trained(checkpoint(models["seed1"])))  # batched by default
         client.reset_prefix_cache()
         assert greedy(server) == expected["seed1"]  # 8 prompts: 4 on each rank
         client.close_communicator()
     finally:
         server.stop()
-
-
-class ParamsOf:
-    """The smallest `model` update_model_params accepts: something with named_parameters()."""
-
-    def __init__(self, named):
-        self.named = named
-
-    def named_parameters(self):
-        return iter(self.named)
 
 
 def test_tied_embeddings_in_multiprocess_engine(models, start_server, expected):
