@@ -239,13 +239,14 @@ def reassembled(payloads):
     """A stream as values that do not depend on where chunk boundaries fall: per choice, the text, content,
     reasoning, tool-call names and arguments, token ids and logprobs concatenated, the last finish reason;
     plus the last usage (continuous usage stats put one in every chunk: their count is the chunk count), the
-    event types (responses), the [DONE] marker, and the set of chunk shapes."""
+    event types (responses), the [DONE] marker, and every key path any chunk has (not whole-chunk shapes: a
+    server that lags merges deltas, so a tool call's name and arguments may come in one chunk or two)."""
     choices, other, shapes, usage = {}, [], set(), None
     for payload in payloads:
         if payload == "[DONE]":
             other.append("[DONE]")
             continue
-        shapes.add(json.dumps(shape(payload), sort_keys=True))
+        shapes.update(key_paths(payload))
         if "type" in payload:  # /v1/responses events: their kinds in order (a run of deltas counts once)
             if not other or other[-1] != payload["type"]:
                 other.append(payload["type"])
@@ -275,13 +276,16 @@ def reassembled(payloads):
     return {"choices": choices, "other": other, "usage": usage, "shapes": sorted(shapes)}
 
 
-def shape(value):
-    """Keys and types, recursively, without values."""
+def key_paths(value, path="$"):
+    """The key paths in a JSON value, lists as `[]`: {"a": [{"b": 1}]} → {"$", "$.a", "$.a[]", "$.a[].b"}."""
+    found = {path}
     if isinstance(value, dict):
-        return {k: shape(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [shape(v) for v in value[:1]]
-    return type(value).__name__
+        for key, item in value.items():
+            found |= key_paths(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            found |= key_paths(item, f"{path}[]")
+    return found
 
 
 def differences(stock, ours, path="$"):
