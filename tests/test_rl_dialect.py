@@ -168,16 +168,14 @@ def test_pause_abort_ends_running_requests_and_wait_lets_them_finish(long_server
     assert done.wait(HANG_S) and chunks[-1]["choices"][0]["finish_reason"] == "abort"
     assert long_server.health()["requests_running"] == 0
     long_server.post("/resume", {})
-    # wait: /pause returns only once the running request finished, and it finished whole
-    answers = {}
-    thread = threading.Thread(target=lambda: answers.update(r=long_server.post(
-        "/v1/completions", {"prompt": PROMPTS * 2, "max_tokens": 200, **GREEDY})))
-    thread.start()
-    long_server.wait_for_health(lambda h: h["requests_running"] == 2 * len(PROMPTS))
+    # wait: /pause returns only once the running requests finished, and they finished whole
+    streams = streams_under_way(long_server, 4, max_tokens=1000)
     assert long_server.post("/pause?mode=wait", {}).status_code == 200
-    thread.join(HANG_S)  # answered before /pause returned, as its connection's order shows below
     assert long_server.health()["requests_running"] == 0
-    assert [len(c["token_ids"]) for c in answers["r"].json()["choices"]] == [200] * 2 * len(PROMPTS)
+    for chunks, done in streams:
+        assert done.wait(HANG_S)
+        assert sum(len(c["choices"][0]["token_ids"] or []) for c in chunks) == 1000
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     long_server.post("/resume", {})
 
 
