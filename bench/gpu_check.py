@@ -79,19 +79,20 @@ def main(argv=None):
     engine = dict(dtype="float32", max_model_len=512, seed=0, logprobs_mode="processed_logprobs", max_logprobs=-1,
                   **(dict(gpu_memory_utilization=0.3) if on_gpu else dict(enforce_eager=True,
                                                                             kv_cache_memory_bytes=64 << 20)))
-    expected = {seed: greedy_reference(models[seed], engine) for seed in (0, 1)}
-
     transport = "nccl" if trainer.startswith("cuda") else "gloo"
     server = support.Server(models[0], *(GPU_ARGS if on_gpu else support.SERVER_ARGS), "--data-parallel-size",
                             str(dp), "--weight-transfer-config", f'{{"backend": "{transport}"}}', log_dir=out,
                             name="gpu-check", env={"CUDA_VISIBLE_DEVICES": visible} if visible else {})
+    if not on_gpu:  # CPU: the server starts while the references run; on a GPU they hold it first, then the server
+        server.launch()
     results = []
 
     def check(name, passed, detail=""):
         results.append((name, "PASS" if passed else "FAIL", detail))
 
     try:
-        server.start()
+        expected = {seed: greedy_reference(models[seed], engine) for seed in (0, 1)}
+        server.wait_healthy() if server.proc else server.start()
         from vllm_client import VLLMClient
 
         client = VLLMClient(base_url=server.url, timeout=support.HANG_S)
