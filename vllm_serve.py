@@ -22,8 +22,9 @@ Routes
         /update_named_params /reset_prefix_cache /close_communicator.
     The API key (`--api-key`) guards every route but /health, /ping, /metrics and CORS preflight.
 
-Weight sync (TRL's protocol): the trainer is the last rank of a group of `tp*dp + 1`; NCCL when the
-replicas run on CUDA, gloo over a TCP store on CPU. `/update_named_params` announces many tensors at
+Weight sync (TRL's protocol): the trainer is the last rank of a group of `tp*dp + 1`, or of the
+`world_size` /init_communicator names, our ranks from its `rank_offset` (one group over several servers).
+NCCL when the replicas run on CUDA, gloo over a TCP store on CPU. `/update_named_params` announces many tensors at
 once; the client broadcasts them packed in buckets, each tensor padded to WEIGHT_ALIGN_BYTES (layout 2).
 An update waits until running requests finish and holds new ones meanwhile: no request sees a mix.
 
@@ -65,6 +66,7 @@ import math  # noqa: E402
 import multiprocessing  # noqa: E402
 import pathlib  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -256,27 +258,29 @@ def make_configs(args):
     # NCCL asked for on CPU (TRL's documented command line) starts; its transfers are refused with a 400
     engine_transfer = WeightTransferConfig(backend="gloo") \
         if parent.weight_transfer_config.backend == "nccl" and not on_cuda else parent.weight_transfer_config
-    replicas = []
+    replicas, server = [], f"{socket.gethostname()}:{args.port}"
     for rank in range(parent.parallel_config.data_parallel_size):
         config = copy.deepcopy(parent)
         config.parallel_config.reconfigure_for_independent_dp_rank()  # what stock does per DP engine process
         config.parallel_config.worker_extension_cls = f"{MODULE_NAME}.WeightSyncWorkerExtension"
-        config.model_config.seed = replica_seed(parent.model_config.seed, rank)
+        config.model_config.seed = replica_seed(parent.model_config.seed, rank, server)
         config.weight_transfer_config = engine_transfer
         replicas.append(config)
     return parent, replicas
 
 
-def replica_seed(seed, rank):
-    """The engine seed of replica `rank`, derived as vLLM derives one per DP rank (its `set_random_seed`):
-    rank 0 keeps `seed`. Each replica is a DP-rank-0 engine of its own, so with one seed for all, the k-th
-    unseeded request on each would draw the same random numbers. A request's own `seed` samples alike
-    on every replica."""
+def replica_seed(seed, rank, server):
+    """The engine seed of replica `rank` of the server at `server` ("host:port"): --seed mixed with both, as
+    vLLM mixes a DP rank into its seed. With one seed for all, the k-th unseeded request on each replica (and
+    on each server of a fleet: vLLM's default seed is 0 everywhere) would draw the same random numbers, and
+    a GRPO group spread over them would hold duplicates. A request's own `seed` samples alike everywhere."""
+    import zlib
+
     import numpy as np
 
-    if rank == 0 or seed is None:
-        return seed
-    return int(np.random.SeedSequence((seed, rank)).generate_state(1)[0])
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence((seed, rank, zlib.crc32(server.encode()))).generate_state(1)[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1341,7 +1345,9 @@ class WeightSync:
         await self.replicas.call("close_communicator")
         self.dialect, self.error = None, None
 
-    async def open(self, host, port, client_device_uuid):
+    async def open(self, host, port, client_device_uuid, offset, world_size):
+        """Join the trainer's group of `world_size` (the trainer is its last rank) as ranks `offset` up: a
+        client syncing several servers gives each its own range."""
         self.check_init()
         gpu = shared_gpu(client_device_uuid, [u for info in self.replicas.infos for u in info["gpu_uuids"]])
         if gpu and self.backend == "nccl":  # gloo goes through host memory: any device will do
@@ -1349,12 +1355,10 @@ class WeightSync:
                            "broadcast within one device. Put the trainer on another GPU (CUDA_VISIBLE_DEVICES).",
                            param="client_device_uuid")
         await self.replace()
-        self.dialect = "legacy"
-        world_size = self.world_size + 1
-        await self.replicas.fire({rank: ("init_communicator", (host, port, world_size, rank * self.args.tensor_parallel_size,
+        self.dialect, tp = "legacy", self.args.tensor_parallel_size
+        await self.replicas.fire({rank: ("init_communicator", (host, port, world_size, offset + rank * tp,
                                                                self.args.weight_sync_timeout))
                                   for rank in range(len(self.replicas))}, self.failed)
-        return world_size
 
     async def update_one(self, meta):
         await self.batcher.hold(self.args.weight_sync_timeout)  # released by /reset_prefix_cache
@@ -2002,7 +2006,13 @@ async def init_communicator(request):
         raise APIError("`host` must be a host name or an IP address.", param="host")
     if not is_int(port) or not 0 < port < 65536:
         raise APIError("`port` must be an integer in 1-65535.", param="port")
-    world_size = await weight_sync.open(host, port, str(body.get("client_device_uuid")))
+    ours = weight_sync.world_size
+    offset, world_size = body.get("rank_offset", 0), body.get("world_size", ours + 1)
+    if not is_int(offset) or not is_int(world_size) or offset < 0 or offset + ours > world_size - 1:
+        raise APIError(f"This server's {ours} ranks start at `rank_offset` and must lie below the trainer's, the "
+                       f"last of `world_size`: need 0 <= rank_offset and rank_offset + {ours} <= world_size - 1, got "
+                       f"{json.dumps(offset)} and {json.dumps(world_size)}.", param="rank_offset")
+    await weight_sync.open(host, port, str(body.get("client_device_uuid")), offset, world_size)
     return JSONResponse({"message": "Request received, initializing communicator", "world_size": world_size,
                          "weight_sync_backend": weight_sync.backend})
 

@@ -4,6 +4,7 @@ and flags, the refused layout flags, a YAML `--config` with an `env:` mapping, a
 
 import json
 import os
+import socket
 
 import pytest
 
@@ -60,8 +61,10 @@ def test_replicas_get_data_parallel_size_1_their_own_seed_and_the_extension(mode
     assert parent.parallel_config.data_parallel_size == 3 and parent.parallel_config.world_size_across_dp == 3
     assert [c.parallel_config.data_parallel_size for c in replicas] == [1, 1, 1]
     seeds = [c.model_config.seed for c in replicas]
-    assert seeds[0] == 5 and len(set(seeds)) == 3  # rank 0 keeps --seed; the others derive theirs, as vLLM does
-    assert seeds == [vllm_serve.replica_seed(5, rank) for rank in range(3)]
+    assert len(set(seeds)) == 3  # each replica derives its own from --seed, its rank and the server's address
+    assert seeds == [vllm_serve.replica_seed(5, rank, f"{socket.gethostname()}:{args.port}") for rank in range(3)]
+    other = vllm_serve.replica_seed(5, 0, f"{socket.gethostname()}:{args.port + 1}")
+    assert other not in seeds  # a second server on this box, started with the same --seed
     assert {c.parallel_config.worker_extension_cls for c in replicas} == {"vllm_serve.WeightSyncWorkerExtension"}
 
 
