@@ -17,6 +17,11 @@ request per conversation, sent concurrently so the server batches them); both as
 (`return_token_ids`, `return_tokens_as_token_ids`), so the same calls work against stock vLLM.
 Results keep TRL's legacy shape. Prompts with images and teacher logprobs use this server's side routes.
 
+Many servers: `base_url` may list several (a list, or comma-separated). Prompts are spread over them by the
+load this client has in flight on each, results come back in input order, and the prompts of a server that
+dies or answers 503 go once to the others. One weight-sync group spans them all: each bucket is broadcast
+once and every server receives it.
+
 Weight sync speaks both dialects: TRL's legacy one (/init_communicator, the trainer as the last rank; this
 server's) and stock vLLM's weight-transfer API (/init_weight_transfer_engine, the trainer as rank 0; chosen
 when the server lacks the legacy routes, or with `weight_sync="stock"`), so the same trainer code syncs
@@ -30,11 +35,14 @@ import contextlib
 import copy
 import datetime
 import io
+import itertools
 import math
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import requests
@@ -49,6 +57,8 @@ WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of update_named_params (the se
 WEIGHT_ALIGN_BYTES = 16  # each tensor of a bucket starts at a multiple of this (the server views it as its dtype)
 WEIGHT_LAYOUT = 2  # the bucket layout sent to /update_named_params: tensors padded to WEIGHT_ALIGN_BYTES
 DEFAULT_PACKED_BYTES = 1 << 30  # stock dialect's chunk size: vLLM's default (both sides must agree)
+LEGACY_KEYS = ("prompt_ids", "completion_ids", "logprobs", "logprob_token_ids")  # TRL's generation result
+BINARY_KEYS = ("logprobs", "logprob_token_ids", "actual_logprobs", "actual_token_ids")  # binary sequence logprobs
 JSON_MIN_LOGPROB = -9999.0  # servers send -inf logprobs (outside top_p/top_k) as this, JSON having no infinity
 
 
@@ -60,13 +70,24 @@ class VLLMClientError(requests.RequestException):
         self.message, self.status_code = message, status_code
 
 
+@dataclass(eq=False)
+class Server:
+    """One server the client drives: its URL, the address its weight-sync group is reached at, the completions
+    this client has in flight there, and whether it failed (skipped while others answer)."""
+    url: str
+    host: str
+    load: int = 0
+    down: bool = False
+
+
 class VLLMClient:
     """TRL's `VLLMClient`: same constructor, methods, defaults and return shapes.
 
     `base_url` wins over `host`/`server_port`; the weight-sync group connects to `host` (or the address
     `base_url` resolves to) on `group_port`. `timeout` bounds every HTTP call and weight broadcast;
     `api_key` (default: env VLLM_API_KEY) is sent as a bearer token; `max_concurrent_chats` caps the
-    conversations `chat` keeps in flight.
+    conversations `chat` keeps in flight on each server. `base_url` may name several servers (a list, or
+    comma-separated): generation is spread over them, weight sync reaches all of them.
     """
 
     def __init__(self, base_url=None, host="0.0.0.0", server_port=8000, group_port=51216, connection_timeout=0.0,
@@ -79,13 +100,15 @@ class VLLMClient:
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
         if base_url is not None:
-            url = urlparse(base_url)
-            self.host = socket.gethostbyname(url.hostname)
-            self.base_url = f"{url.scheme or 'http'}://{url.netloc}{url.path}".rstrip("/")
+            self.servers = [_server(url) for url in (base_url.split(",") if isinstance(base_url, str) else base_url)]
         else:
-            self.host, self.server_port = host, server_port
-            self.base_url = f"http://{host}:{server_port}"
+            self.server_port = server_port
+            self.servers = [Server(f"http://{host}:{server_port}", host)]
+        self.base_url, self.host = self.servers[0].url, self.servers[0].host
         self.group_port, self.timeout, self.max_concurrent_chats = group_port, timeout, max_concurrent_chats
+        self.group = []  # the servers of the open weight-sync group
+        self.broadcasts = 0  # weight broadcasts sent (one per bucket, whatever the number of servers)
+        self._lock = threading.Lock()  # guards each server's `load`
         self.rank = None  # this client's rank in the weight-sync group (the last one)
         self.communicator = None  # gloo ProcessGroup or PyNcclCommunicator, after init_communicator
         self._pack_buffers = []  # gloo: update_named_params' two bucket buffers, freed by close_communicator
@@ -94,6 +117,7 @@ class VLLMClient:
         # "legacy" (TRL's /init_communicator, this server's), "stock" (vLLM's weight-transfer routes), or None:
         # stock's against a server that lacks the legacy routes, else legacy
         self.weight_sync, self.pause_mode, self._in_update = weight_sync, pause_mode, False
+        self._session = False  # stock dialect: a weight-update session that per-parameter updates opened
         self.check_server(connection_timeout)
 
     def __enter__(self):
@@ -109,23 +133,86 @@ class VLLMClient:
 
     # --- HTTP ----------------------------------------------------------------------------------------
 
-    def _request(self, method, path, json=None, timeout=None, idempotent=False):
-        """One call → its JSON body. Resends only what never reached the server, or idempotent calls:
-        a resent weight update would desynchronize the broadcasts that follow it."""
-        timeout = timeout or self.timeout
+    def _request(self, method, path, json=None, timeout=None, idempotent=False, server=None):
+        """One call to `server` (default: the first) → its JSON body. Resends only what never reached the
+        server, or idempotent calls: a resent weight update would desynchronize the broadcasts that follow it."""
+        timeout, url = timeout or self.timeout, (server.url if server else self.base_url) + path
         for attempt in range(MAX_RETRIES + 1):
             try:
-                response = self.session.request(method, self.base_url + path, json=json, timeout=timeout)
+                response = self.session.request(method, url, json=json, timeout=timeout)
                 break
             except requests.RequestException as exc:
                 retry = isinstance(exc, requests.ConnectionError) and (idempotent or _never_sent(exc))
                 if not retry or attempt == MAX_RETRIES:
                     what = f"no answer within {timeout} s" if isinstance(exc, requests.ReadTimeout) else exc
-                    raise VLLMClientError(f"{method} {self.base_url}{path}: {what}") from exc
+                    raise VLLMClientError(f"{method} {url}: {what}") from exc
                 time.sleep(RETRY_BACKOFF_S * 2**attempt)
         if response.status_code >= 400:
-            raise VLLMClientError(_error_message(response), response.status_code, response)
+            message = _error_message(response)
+            raise VLLMClientError(f"{url}: {message}" if len(self.servers) > 1 else message, response.status_code,
+                                  response)
         return response.json() if response.content else {}
+
+    def _live(self):
+        """The servers to use: those that did not fail, or all of them if every one did (they may be back)."""
+        return [s for s in self.servers if not s.down] or list(self.servers)
+
+    def _each(self, method, path, json=None, idempotent=False, servers=None):
+        """The same call to every server (default: the live ones), at once → their bodies, in order. A server
+        that does not answer is marked down; the first failure is raised once all calls ended."""
+        servers = self._live() if servers is None else servers
+
+        def call(server):
+            try:
+                return self._request(method, path, json, idempotent=idempotent, server=server)
+            except VLLMClientError as exc:
+                server.down = server.down or _gone(exc)
+                raise
+
+        with ThreadPoolExecutor(max(1, len(servers))) as pool:
+            futures = [pool.submit(call, server) for server in servers]
+        return [future.result() for future in futures]
+
+    def _spread(self, count, run, weight=1):
+        """Items 0..count-1 (prompts, conversations, sequences) over the live servers by load: each server gets
+        one contiguous part and `run(server, part, done)` puts each finished item's result in `done[i]`. The
+        unfinished items of a server that died or answered 503 go once to the others. → results in input order."""
+        done, pending, failed, errors = {}, list(range(count)), set(), []
+        for _ in range(2):  # the first try, then the one resend
+            servers = [s for s in self._live() if s not in failed]
+            if not servers:
+                break
+            lost = []
+            with ThreadPoolExecutor(len(servers)) as pool:
+                parts = _split(pending, [s.load for s in servers], weight)
+                futures = [(s, part, pool.submit(self._run_on, s, part, weight, run, done))
+                           for s, part in zip(servers, parts) if part]
+                for server, part, future in futures:
+                    try:
+                        future.result()
+                    except VLLMClientError as exc:
+                        if not _gone(exc):
+                            raise
+                        server.down = True
+                        failed.add(server)
+                        errors.append(exc)
+                        lost += [i for i in part if i not in done]
+            if not lost:
+                return [done[i] for i in range(count)]
+            pending = sorted(lost)
+        if len(self.servers) == 1:
+            raise errors[-1]
+        raise VLLMClientError(f"No server left for {len(pending)} of {count} items: "
+                              + "; ".join(e.message for e in errors), errors[-1].status_code)
+
+    def _run_on(self, server, part, weight, run, done):
+        with self._lock:
+            server.load += len(part) * weight
+        try:
+            run(server, part, done)
+        finally:
+            with self._lock:
+                server.load -= len(part) * weight
 
     def _model_id(self):
         if self.model is None:
@@ -133,25 +220,34 @@ class VLLMClient:
         return self.model
 
     def check_server(self, total_timeout=0.0, retry_interval=2.0):
-        """Poll GET /health until it answers 200; raise VLLMClientError after `total_timeout` seconds."""
-        deadline = time.monotonic() + total_timeout
+        """Poll GET /health on every server until each answered 200 (a server marked down is back in use
+        then); raise VLLMClientError after `total_timeout` seconds."""
+        deadline, problems = time.monotonic() + total_timeout, {server.url: None for server in self.servers}
         while True:
-            try:
-                response = self.session.get(f"{self.base_url}/health", timeout=HEALTH_PROBE_TIMEOUT_S)
-                if response.status_code == 200:
-                    self.host = response.headers.get("X-Forwarded-For", self.host)  # behind a proxy
-                    return
-                problem = f"status {response.status_code}"
-            except requests.RequestException as exc:
-                problem = str(exc)
+            for server in self.servers:
+                if server.url not in problems:
+                    continue
+                try:
+                    response = self.session.get(f"{server.url}/health", timeout=HEALTH_PROBE_TIMEOUT_S)
+                    if response.status_code == 200:
+                        server.host = response.headers.get("X-Forwarded-For", server.host)  # behind a proxy
+                        server.down = False
+                        del problems[server.url]
+                        continue
+                    problems[server.url] = f"status {response.status_code}"
+                except requests.RequestException as exc:
+                    problems[server.url] = str(exc)
+            self.host = self.servers[0].host
+            if not problems:
+                return
             if time.monotonic() >= deadline:
-                raise VLLMClientError(f"The vLLM server at {self.base_url} is not up after {total_timeout} s: "
-                                      f"{problem}")
+                url, problem = next(iter(problems.items()))
+                raise VLLMClientError(f"The vLLM server at {url} is not up after {total_timeout} s: {problem}")
             time.sleep(retry_interval)
 
     def get_world_size(self):
-        """Number of vLLM workers (tensor_parallel_size * data_parallel_size)."""
-        return self._request("GET", "/get_world_size", idempotent=True)["world_size"]
+        """Number of vLLM workers (tensor_parallel_size * data_parallel_size), summed over the servers."""
+        return sum(info["world_size"] for info in self._each("GET", "/get_world_size", idempotent=True))
 
     # --- generation ----------------------------------------------------------------------------------
 
@@ -166,14 +262,23 @@ class VLLMClient:
         sampling["logprobs"] = logprobs
         if images is not None:
             images = [[_png_base64(image) for image in row] if row else None for row in images]
-            return self._request("POST", "/generate/", json={
-                "prompts": prompts, "images": images, **sampling, "structured_outputs_regex": structured_outputs_regex,
-                "generation_kwargs": generation_kwargs or {}})
-        body = {"model": self._model_id(), "prompt": prompts, **sampling, **_token_id_flags(structured_outputs_regex),
-                **(generation_kwargs or {})}
-        choices = sorted(self._request("POST", "/v1/completions", json=body)["choices"], key=lambda c: c["index"])
-        prompt_ids = [c["prompt_token_ids"] for c in choices[::body["n"]]]  # prompt-major: n choices per prompt
-        return _legacy_result(prompt_ids, choices, body["logprobs"])
+            body = {**sampling, "structured_outputs_regex": structured_outputs_regex,
+                    "generation_kwargs": generation_kwargs or {}}
+
+            def run(server, part, done):
+                result = self._request("POST", "/generate/", json={
+                    **body, "prompts": _pick(prompts, part), "images": _pick(images, part)}, server=server)
+                done.update(zip(part, _per_prompt(result, n)))
+        else:
+            body = {"model": self._model_id(), **sampling, **_token_id_flags(structured_outputs_regex),
+                    **(generation_kwargs or {})}
+
+            def run(server, part, done):
+                choices = sorted(self._request("POST", "/v1/completions", json={**body, "prompt": _pick(prompts, part)},
+                                               server=server)["choices"], key=lambda c: c["index"])
+                prompt_ids = [c["prompt_token_ids"] for c in choices[::body["n"]]]  # prompt-major: n per prompt
+                done.update(zip(part, _per_prompt(_legacy_result(prompt_ids, choices, body["logprobs"]), body["n"])))
+        return _joined(self._spread(len(prompts), run, weight=n), LEGACY_KEYS)
 
     def chat(self, messages, n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
              max_tokens=16, logprobs=0, structured_outputs_regex=None, generation_kwargs=None,
@@ -188,14 +293,16 @@ class VLLMClient:
                 **_token_id_flags(structured_outputs_regex),
                 **_chat_options(logprobs, tools, chat_template, chat_template_kwargs), **(generation_kwargs or {})}
 
-        def send(conversation):
-            return self._request("POST", "/v1/chat/completions",
-                                 json={**body, "messages": _openai_messages(conversation)})
+        def run(server, part, done):
+            def send(i):
+                response = self._request("POST", "/v1/chat/completions",
+                                         json={**body, "messages": _openai_messages(messages[i])}, server=server)
+                choices = sorted(response["choices"], key=lambda c: c["index"])
+                done[i] = _legacy_result([response["prompt_token_ids"]], choices, logprobs)
 
-        with ThreadPoolExecutor(max(1, min(self.max_concurrent_chats, len(messages)))) as pool:
-            responses = list(pool.map(send, messages))
-        choices = [c for r in responses for c in sorted(r["choices"], key=lambda c: c["index"])]
-        return _legacy_result([r["prompt_token_ids"] for r in responses], choices, logprobs)
+            with ThreadPoolExecutor(max(1, min(self.max_concurrent_chats, len(part)))) as pool:
+                list(pool.map(send, part))
+        return _joined(self._spread(len(messages), run, weight=n), LEGACY_KEYS)
 
     def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs=100, temperature=1.0, use_binary=True,
                               chunk_size=0, max_concurrent_requests=4):
@@ -206,18 +313,22 @@ class VLLMClient:
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        size = chunk_size if chunk_size > 0 else max(1, len(sequences))
-        chunks = [(sequences[i:i + size], prompt_lengths[i:i + size]) for i in range(0, max(1, len(sequences)), size)]
+        body = {"top_logprobs": top_logprobs, "temperature": temperature,
+                "response_format": "binary" if use_binary else "json"}
 
-        def send(chunk):
-            body = {"sequences": chunk[0], "prompt_lengths": chunk[1], "top_logprobs": top_logprobs,
-                    "temperature": temperature, "response_format": "binary" if use_binary else "json"}
-            response = self._request("POST", "/get_sequence_logprobs", json=body, idempotent=True)
-            return _decode_binary_logprobs(response) if use_binary else response
+        def run(server, part, done):
+            size = chunk_size if chunk_size > 0 else max(1, len(part))
 
-        with ThreadPoolExecutor(min(max_concurrent_requests, len(chunks))) as pool:
-            parts = list(pool.map(send, chunks))
-        return {key: [row for part in parts for row in part[key]] for key in parts[0]}
+            def send(chunk):
+                response = self._request("POST", "/get_sequence_logprobs", json={
+                    **body, "sequences": _pick(sequences, chunk), "prompt_lengths": _pick(prompt_lengths, chunk)},
+                    idempotent=True, server=server)
+                rows = _decode_binary_logprobs(response) if use_binary else response
+                done.update((i, {key: [rows[key][j]] for key in rows}) for j, i in enumerate(chunk))
+
+            with ThreadPoolExecutor(max(1, min(max_concurrent_requests, -(-len(part) // size)))) as pool:
+                list(pool.map(send, [part[i:i + size] for i in range(0, len(part), size)]))
+        return _joined(self._spread(len(sequences), run), BINARY_KEYS if use_binary else LEGACY_KEYS[2:])
 
     def image_features(self, images, max_concurrent_requests=64):
         """TRL 1.16's: per prompt, its images (PIL) rendered into vLLM's multimodal features by
@@ -235,48 +346,77 @@ class VLLMClient:
             return list(pool.map(render, images))
 
     def reset_prefix_cache(self):
-        self._request("POST", "/reset_prefix_cache", idempotent=True)
+        """Also ends a stock-dialect session of per-parameter updates (TRL's per-parameter sync ends here)."""
+        self._end_session()
+        self._each("POST", "/reset_prefix_cache", idempotent=True)
 
     # --- weight sync ---------------------------------------------------------------------------------
 
     def init_communicator(self, device=0):
-        """Join the server's weight-sync group: as its last rank in TRL's legacy dialect, as rank 0 (the
-        group's host) in stock vLLM's. gloo on a CPU server, else NCCL on `device`."""
+        """Join the servers' weight-sync group (every live server's workers, one group): as its last rank in
+        TRL's legacy dialect, as rank 0 (the group's host) in stock vLLM's. gloo on CPU servers, else NCCL
+        on `device`."""
         import torch
 
         self._leave_group()  # a group of an earlier init: its NCCL communicator is not reused
-        info = self._request("GET", "/get_world_size", idempotent=True)
-        self.weight_sync = self.weight_sync or ("legacy" if "weight_sync_backend" in info else "stock")
+        self.group = self._live()
+        infos = self._each("GET", "/get_world_size", idempotent=True, servers=self.group)
+        legacy = ["weight_sync_backend" in info for info in infos]
+        self.weight_sync = self.weight_sync or ("legacy" if all(legacy) else "stock")
         self._device = _as_device(device)
+        sizes = [info["world_size"] for info in infos]
         if self.weight_sync == "stock":
-            return self._init_stock(info["world_size"] + 1)
-        world_size, self._backend = info["world_size"] + 1, info["weight_sync_backend"]
+            return self._init_stock(sizes)
+        if not all(legacy):
+            raise VLLMClientError(f"{self.group[legacy.index(False)].url} does not speak TRL's weight-sync "
+                                  "protocol: one group uses one dialect (weight_sync='stock' for all).")
+        backends = {info["weight_sync_backend"] for info in infos}
+        if len(backends) > 1:
+            raise VLLMClientError(f"The servers transfer weights over different backends ({sorted(backends)}): "
+                                  "one group uses one.")
+        world_size, self._backend = sum(sizes) + 1, backends.pop()
         self.rank = world_size - 1
-        # The server's first worker hosts the group's TCP store: on all interfaces, as TRL, unless we are local.
-        store_host = self.host if _is_loopback(self.host) else "0.0.0.0"
-        self._request("POST", "/init_communicator", json={
-            "host": store_host, "port": self.group_port, "world_size": world_size,
-            "client_device_uuid": _device_uuid(torch, self._device)})
-        self.communicator = self._join_group(world_size)
+        # The first server's first worker hosts the group's TCP store, at an address every rank reaches
+        store_host = _store_host([s.host for s in self.group])
+        offsets = list(itertools.accumulate(sizes[:-1], initial=0))
+        uuid = _device_uuid(torch, self._device)
+        for server, offset in zip(self.group, offsets):
+            body = {"host": store_host, "port": self.group_port, "world_size": world_size, "client_device_uuid": uuid}
+            self._request("POST", "/init_communicator", json={**body, "rank_offset": offset}
+                          if len(self.group) > 1 else body, server=server)
+        self.communicator = self._join_group(world_size, store_host)
         atexit.register(self.close_communicator)
 
-    def _init_stock(self, world_size):
-        """Stock dialect: host the group as rank 0 while the server's workers join it (its init call returns
-        once they did)."""
-        config = self._request("GET", "/server_info?config_format=json", idempotent=True)["vllm_config"]
-        self._backend = (config.get("weight_transfer_config") or {}).get("backend")
+    def _init_stock(self, sizes):
+        """Stock dialect: host the group as rank 0 while the servers' workers join it, server i's after server
+        i-1's (their init calls return once they did)."""
+        configs = []
+        for server in self.group:
+            try:
+                configs.append(self._request("GET", "/server_info?config_format=json", idempotent=True,
+                                             server=server)["vllm_config"])
+            except VLLMClientError as exc:
+                if exc.status_code != 404:
+                    raise
+                raise VLLMClientError(f"{server.url} does not speak stock vLLM's weight-transfer API (no "
+                                      "/server_info): one group uses one dialect.") from exc
+        backends = {(config.get("weight_transfer_config") or {}).get("backend") for config in configs}
+        self._backend = backends.pop() if len(backends) == 1 else None
         if self._backend not in ("gloo", "nccl"):
-            raise VLLMClientError(f"The server's weight transfer is {self._backend!r}: start it with "
+            raise VLLMClientError(f"The servers' weight transfer is {self._backend or 'mixed'!r}: start each with "
                                   "--weight-transfer-config '{\"backend\": \"nccl\"}' (or gloo on CPU).")
         if self._backend == "nccl" and getattr(self._device, "type", None) != "cuda":
             raise VLLMClientError(f"The server transfers weights over NCCL, which needs a CUDA device; got "
                                   f"{self._device}. On a CPU server, use --weight-transfer-config "
                                   "'{\"backend\": \"gloo\"}'.")
-        self.rank, address = 0, _local_address_towards(self.host)
-        init_info = {"master_address": address, "master_port": self.group_port, "rank_offset": 1,
-                     "world_size": world_size, "packed": True}
-        with ThreadPoolExecutor(1) as pool:
-            joined = pool.submit(self._request, "POST", "/init_weight_transfer_engine", {"init_info": init_info})
+        world_size, offsets = sum(sizes) + 1, list(itertools.accumulate(sizes[:-1], initial=1))
+        self.rank, address = 0, _local_address_towards(self.group[0].host)
+        init_info = {"master_address": address, "master_port": self.group_port, "world_size": world_size,
+                     "packed": True}
+        with ThreadPoolExecutor(len(self.group)) as pool:
+            joined = [pool.submit(self._request, "POST", "/init_weight_transfer_engine",
+                                  {"init_info": {**init_info, "rank_offset": offset}}, server=server)
+                      for server, offset in zip(self.group, offsets)]
             if self._backend == "gloo":
                 from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
@@ -289,26 +429,47 @@ class VLLMClient:
 
                 with torch.cuda.device(self._device):
                     self.communicator = trainer_init(init_info)
-            joined.result()
+            for future in joined:
+                future.result()
         atexit.register(self.close_communicator)
 
-    def _join_group(self, world_size):
-        """Connect to the TCP store the server's first worker hosts, as rank `self.rank`."""
+    def _join_group(self, world_size, store_host):
+        """Connect to the TCP store the first server's first worker hosts, as rank `self.rank`."""
         timeout_s = self.timeout or DEFAULT_TIMEOUT_S
+        host = self.group[0].host if store_host == "0.0.0.0" else store_host
         if self._backend == "gloo":
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
             return stateless_init_torch_distributed_process_group(
-                self.host, self.group_port, self.rank, world_size, backend="gloo",
+                host, self.group_port, self.rank, world_size, backend="gloo",
                 timeout=datetime.timedelta(seconds=timeout_s))
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
-        group = StatelessProcessGroup.create(host=self.host, port=self.group_port, rank=self.rank,
+        group = StatelessProcessGroup.create(host=host, port=self.group_port, rank=self.rank,
                                              world_size=world_size, store_timeout=int(timeout_s))
         return PyNcclCommunicator(group, device=self._device)
 
+    def _members(self):
+        """The servers of the open group (before any init: the live ones, which then answer that none is open)."""
+        return self.group or self._live()
+
+    def _announce(self, path, body):
+        """POST what comes next to every server of the group. If some took it and others failed, those that
+        took it would wait for broadcasts that never come: the group is left, which ends their wait."""
+        servers = self._members()
+        with ThreadPoolExecutor(len(servers)) as pool:
+            futures = [pool.submit(self._request, "POST", path, body, server=server) for server in servers]
+        failed = [(server, f.exception()) for server, f in zip(servers, futures) if f.exception() is not None]
+        for server, exc in failed:
+            server.down = server.down or (isinstance(exc, VLLMClientError) and _gone(exc))
+        if failed:
+            if len(failed) < len(servers):
+                self._leave_group()
+            raise failed[0][1]
+
     def _broadcast(self, tensor):
+        self.broadcasts += 1
         if self._backend == "gloo":
             self.communicator.broadcast(tensor.cpu().contiguous(), root=self.rank).wait()
         else:  # raw memory goes on the wire: one contiguous tensor on the group's device
@@ -358,25 +519,52 @@ class VLLMClient:
 
     @contextlib.contextmanager
     def _stock_update(self):
-        if self._in_update:  # inside weight_update(): one start and one finish for the whole block
+        """One weight-update session on every server of the group: paused (`pause_mode`) and started on entry,
+        finished and resumed on a clean exit, resumed on any exit. Nested (inside weight_update() or a session
+        of per-parameter updates): the enclosing session's."""
+        if self._in_update:
             yield
             return
-        self._request("POST", f"/pause?mode={self.pause_mode}")
+        self._begin()
         try:
-            self._request("POST", "/start_weight_update", json={})
-            self._in_update = True
             yield
-            self._request("POST", "/finish_weight_update", json={})
+            self._each("POST", "/finish_weight_update", {}, servers=self._members())
         finally:
             self._in_update = False
-            self._request("POST", "/resume")
+            self._each("POST", "/resume", servers=self._members())
+
+    def _begin(self):
+        servers = self._members()
+        self._each("POST", f"/pause?mode={self.pause_mode}", servers=servers)
+        try:
+            self._each("POST", "/start_weight_update", {}, servers=servers)
+        except BaseException:
+            self._each("POST", "/resume", servers=servers)
+            raise
+        self._in_update = True
+
+    def _end_session(self):
+        """Finish the session per-parameter updates opened, if one is open: vLLM rebuilds each layer from the
+        tensors of one session, so a layer's tensors (q, k and v of a fused projection) must share one."""
+        if not self._session:
+            return
+        self._session = False
+        try:
+            self._each("POST", "/finish_weight_update", {}, servers=self._members())
+        finally:
+            self._in_update = False
+            self._each("POST", "/resume", servers=self._members())
 
     def update_named_param(self, name, weights):
-        """Legacy path: announce one tensor, then broadcast it."""
+        """Legacy path: announce one tensor, then broadcast it. Stock dialect: the first one opens a
+        weight-update session that reset_prefix_cache() (or a batched update, or close_communicator()) ends."""
         if self.weight_sync == "stock":
-            return self.update_named_params([(name, weights)])
-        self._request("POST", "/update_named_param", json={
-            "name": name, "dtype": str(weights.dtype), "shape": list(weights.shape)})
+            if not self._in_update:
+                self._begin()
+                self._session = True
+            return self._send_stock([(name, weights.detach())])
+        self._announce("/update_named_param", {"name": name, "dtype": str(weights.dtype),
+                                               "shape": list(weights.shape)})
         with self._sending():
             self._broadcast(weights.detach())
 
@@ -391,14 +579,16 @@ class VLLMClient:
             named_tensors, bucket_bytes = bucket_bytes, WEIGHT_BUCKET_BYTES
         named = [(name, tensor.detach()) for name, tensor in named_tensors]
         if self.weight_sync == "stock":
+            self._end_session()
             return self._send_stock(named)
         params = [{"name": name, "dtype": str(t.dtype), "shape": list(t.shape)} for name, t in named]
-        self._request("POST", "/update_named_params", json={"params": params, "bucket_bytes": bucket_bytes,
-                                                            "layout": WEIGHT_LAYOUT, "pause": self.pause_mode})
+        self._announce("/update_named_params", {"params": params, "bucket_bytes": bucket_bytes,
+                                                "layout": WEIGHT_LAYOUT, "pause": self.pause_mode})
         buckets = _buckets(named, bucket_bytes)
         with self._sending():
             if self._backend == "gloo":
                 _broadcast_buckets(self.communicator, self.rank, buckets, self._pack_buffers)
+                self.broadcasts += len(buckets)
             else:  # a bucket's tensors may sit on other devices (CPU-offloaded parameters)
                 for bucket in buckets:
                     self._broadcast(torch.cat(_packed([t.to(self._device) for t in bucket])))
@@ -418,11 +608,13 @@ class VLLMClient:
         update_info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.")
                                                                        for _, t in named],
                        "shapes": [list(t.shape) for _, t in named]}
-        with self._stock_update(), ThreadPoolExecutor(1) as pool:
-            loaded = pool.submit(self._request, "POST", "/update_weights", {"update_info": update_info})
+        with self._stock_update(), ThreadPoolExecutor(len(self._members())) as pool:
+            loaded = [pool.submit(self._request, "POST", "/update_weights", {"update_info": update_info},
+                                  server=server) for server in self._members()]
             with self._sending():
                 self._send_packed(named)
-            loaded.result()
+            for future in loaded:
+                future.result()
 
     def _send_packed(self, named):
         """Broadcast `named` packed as vLLM packs them: its NCCL engine's layout, ours on gloo."""
@@ -432,27 +624,75 @@ class VLLMClient:
             tensors = iter([(n, t.cpu().contiguous()) for n, t in named])
             while (chunk := pack_tensors(tensors, lambda item: item[1], DEFAULT_PACKED_BYTES)) is not None:
                 self.communicator.broadcast(chunk.packed_tensor, root=0).wait()
-        else:
+                self.broadcasts += 1
+        else:  # vLLM's producer sends its chunks itself: counted as one
             from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
 
             packed_nccl_broadcast_producer(iter(named), self.communicator, src=0,
                                            post_iter_func=lambda item: item[1].to(self._device).contiguous())
+            self.broadcasts += 1
 
     def close_communicator(self):
-        """Leave the weight-sync group; a server that is already gone is fine."""
+        """Leave the weight-sync group, on every server of it; a server that is already gone is fine."""
         atexit.unregister(self.close_communicator)
         path = "/shutdown_weight_transfer_engine" if self.weight_sync == "stock" else "/close_communicator"
         try:
-            self._request("POST", path)
+            self._end_session()
+            self._each("POST", path, servers=self._members())
         except VLLMClientError as exc:
             if exc.status_code is not None:
                 raise
-        self._leave_group()
+        finally:
+            self._leave_group()
+            self.group = []
 
 
 # ------------------------------------------------------------------------------------------------------
 # Helpers: request bodies, legacy result shape, weight buckets
 # ------------------------------------------------------------------------------------------------------
+
+
+def _server(url):
+    """A base URL → Server, at the address its host name resolves to (where a weight-sync group reaches it)."""
+    parsed = urlparse(url.strip())
+    return Server(f"{parsed.scheme or 'http'}://{parsed.netloc}{parsed.path}".rstrip("/"),
+                  socket.gethostbyname(parsed.hostname))
+
+
+def _gone(exc):
+    """Whether a failed call means its server is gone: no answer (refused, reset; a timeout is not: the server
+    may only be slow) or a 503 (shutting down, a dead replica, paused past its timeout)."""
+    cause = exc.__cause__
+    return exc.status_code == 503 or (exc.status_code is None and isinstance(cause, requests.ConnectionError))
+
+
+def _split(items, loads, weight):
+    """`items` cut into one contiguous part per server, in order, sized so that each server's load (its
+    `loads`, plus `weight` per item) ends as even as it can."""
+    sizes = [0] * len(loads)
+    for _ in items:
+        j = min(range(len(loads)), key=lambda j: loads[j] + sizes[j] * weight)
+        sizes[j] += 1
+    ends = list(itertools.accumulate(sizes))
+    return [items[end - size:end] for size, end in zip(sizes, ends)]
+
+
+def _pick(values, part):
+    """values[i] for i in part; `values` itself when part is all of it (one server: the request as before)."""
+    return values if list(part) == list(range(len(values))) else [values[i] for i in part]
+
+
+def _per_prompt(result, n):
+    """A legacy result → one per prompt (its prompt ids, and its n completions' rows)."""
+    return [{key: None if result[key] is None else
+             result[key][k:k + 1] if key == "prompt_ids" else result[key][k * n:(k + 1) * n] for key in LEGACY_KEYS}
+            for k in range(len(result["prompt_ids"]))]
+
+
+def _joined(parts, keys):
+    """Per-item results → one: each key's rows concatenated, None if any item has None there."""
+    return {key: None if any(p[key] is None for p in parts) else [row for p in parts for row in p[key]]
+            for key in keys}
 
 
 def _never_sent(exc):
@@ -665,6 +905,20 @@ def _device_uuid(torch, device):
     if device.type == "cuda" and torch.cuda.is_available():
         return str(torch.cuda.get_device_properties(device).uuid)
     return "cpu"
+
+
+def _store_host(hosts):
+    """Where every rank reaches the group's TCP store, which the first server's first worker hosts (`hosts`:
+    the servers' addresses as this client reaches them). One server: its loopback address if it runs here,
+    else all interfaces ("0.0.0.0", TRL's choice: only its own workers connect). Several: the first one's
+    address as the others reach it (a server told "0.0.0.0" would connect to itself)."""
+    first = hosts[0]
+    if len(hosts) == 1:
+        return first if _is_loopback(first) else "0.0.0.0"
+    remote = [host for host in hosts if not _is_loopback(host)]
+    if _is_loopback(first) and remote:  # the first server runs here: this machine's address, as they see it
+        return _local_address_towards(remote[0])
+    return first
 
 
 def _local_address_towards(host):

@@ -17,6 +17,8 @@ Scenarios (numbers: flags below)
   5 sync     push every weight of a ~0.5B model: per-param vs batched vs raw gloo (bench/weight_sync.py)
   6 scaling  scenario 1 on our server with --data_parallel_size 1 vs 2
   7 streams  N concurrent streamed chats: tokens/s and median time to the first content token, ours vs stock
+  8 fleet    one VLLMClient over 2 of our servers (DP 1 each) vs over 1 server of DP 2: scenario 3's generate
+             (tokens/s), and the time of one batched weight sync (gloo) into both vs into the one
 
 Method: per model, every engine (ours dp1, ours dp2, stock, in-process) is started at once and stays
 up for the whole phase (an idle engine takes under 1% CPU). Each scenario first warms every target, then runs
@@ -43,7 +45,7 @@ import traceback
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 import load  # noqa: E402
-from common import RESULTS, InProcess, log, median  # noqa: E402
+from common import RESULTS, InProcess, log, median, support  # noqa: E402
 
 PROFILES = {
     "full": dict(models="tiny,medium", repeats=3, chat_n=64, chat_tokens=64, streams_n=64, streams_tokens=64, turns_n=16, turns=4, turn_min=8,
@@ -53,11 +55,12 @@ PROFILES = {
                   turn_max=32, legacy_n=64, legacy_tokens=8, latency_n=10, sync_model="tiny", sync_repeats=1,
                   compute_scale=0.375),
 }
-SCENARIOS = ("chat", "turns", "legacy", "latency", "sync", "scaling", "streams")
+SCENARIOS = ("chat", "turns", "legacy", "latency", "sync", "scaling", "streams", "fleet")
 KV_BYTES = {"tiny": 256 << 20, "small": 256 << 20, "medium": 1 << 30, "large": 2 << 30}  # large: 32 x 512 tokens
 MAX_MODEL_LEN = 2048
 SYNC_MAX_MODEL_LEN = 512  # the stall's rollouts: a short prompt and 400 tokens
-TARGETS = {"ours": "ours dp1", "ours_dp2": "ours dp2", "stock": "stock vLLM", "inprocess": "in-process LLM"}
+TARGETS = {"ours": "ours dp1", "ours_dp2": "ours dp2", "stock": "stock vLLM", "inprocess": "in-process LLM",
+           "ours_b": "ours dp1 (second)", "fleet": "2 x ours dp1"}
 
 
 def parse_args(argv=None):
@@ -114,7 +117,7 @@ def rounds(name, targets, run, repeats, warmup=None):
     for r in range(repeats):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             out[key].append(run(key, targets[key]))
-        shown = {k: out[k][-1].get("tokens_per_s", out[k][-1].get("p50_s")) for k in keys}
+        shown = {k: next(out[k][-1][f] for f in ("tokens_per_s", "p50_s", "wall_s") if f in out[k][-1]) for k in keys}
         log(f"{name} round {r + 1}/{repeats}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     log(f"{name} done in {time.monotonic() - start:.0f} s")
     return out
@@ -144,14 +147,16 @@ def run_model_phase(model_name, args, results):
     path = common.model_path(model_name)
     kv, want = KV_BYTES[model_name], set(args.only)
     procs = {}
-    if want & {"chat", "turns", "legacy", "latency", "scaling", "streams"} or args.sync_model == model_name:
+    if want & {"chat", "turns", "legacy", "latency", "scaling", "streams", "fleet"} or args.sync_model == model_name:
         procs["ours"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"chat", "turns", "legacy", "latency", "streams"}:
         procs["stock"] = common.server("stock", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"chat", "legacy"}:
         procs["inprocess"] = InProcess(path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
-    if "scaling" in want:
+    if want & {"scaling", "fleet"}:
         procs["ours_dp2"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, dp=2)
+    if "fleet" in want:  # the fleet: "ours" and this one
+        procs["ours_b"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, name="ours-b")
     phase = results["models"].setdefault(model_name, {"params": common.param_count(path), "scenarios": {},
                                                       "sizes": {k: getattr(args, k) for k in SIZED}})
     log(f"phase {model_name} ({phase['params'] / 1e6:.1f}M params): starting {', '.join(procs)}")
@@ -220,12 +225,46 @@ def run_model_phase(model_name, args, results):
                                                           args.repeats, warmup=lambda k, t: load.sequential_latency(t.url, 3)),
                                            f"latency on {model_name}")
 
+        if "fleet" in want:
+            scenarios.update(run_fleet(model_name, path, {"fleet": [procs["ours"].url, procs["ours_b"].url],
+                                                          "ours_dp2": [procs["ours_dp2"].url]}, args))
+
         if "sync" in want and args.sync_model == model_name:
             results["sync"] = run_sync(procs["ours"], path, args)
     finally:
         common.stop_all(list(procs.values()))
         phase["stop_s"] = {k: p.stop_s for k, p in procs.items()}
         phase["left_behind"] = {k: len(p.left_behind) for k, p in procs.items()}
+
+
+def run_fleet(model_name, path, targets, args):
+    """Scenario 8: targets {key: [urls]}, driven by one VLLMClient each. → {"fleet": rounds, "fleet_sync": rounds}."""
+    from vllm_client import VLLMClient
+
+    prompts, named = load.plain_prompts(args.legacy_n), support.checkpoint(path)
+
+    def generate(key, urls, n_tokens=args.legacy_tokens):
+        with VLLMClient(base_url=urls) as client:
+            start = time.perf_counter()
+            out = client.generate(prompts, max_tokens=n_tokens, generation_kwargs={"ignore_eos": True})
+            wall = time.perf_counter() - start
+        tokens = sum(len(ids) for ids in out["completion_ids"])
+        assert tokens == len(prompts) * n_tokens, f"{key}: {tokens} tokens"
+        return {"tokens_per_s": tokens / wall, "wall_s": wall}
+
+    def sync(key, urls):
+        with VLLMClient(base_url=urls, group_port=support.free_port()) as client:
+            client.init_communicator(device="cpu")
+            start = time.perf_counter()
+            client.update_named_params(named)
+            wall = time.perf_counter() - start
+            client.close_communicator()
+        return {"wall_s": wall}
+
+    return {"fleet": guarded(lambda: rounds(f"fleet/{model_name}", targets, generate, args.repeats,
+                                            warmup=lambda k, t: generate(k, t, 2)), f"fleet on {model_name}"),
+            "fleet_sync": guarded(lambda: rounds(f"fleet sync/{model_name}", targets, sync, args.repeats),
+                                  f"fleet weight sync on {model_name}")}
 
 
 def guarded(fn, what):
@@ -295,6 +334,8 @@ def ratio_rows(results):
         med |= {name: summarize(v, ("tokens_per_s", "wall_s")) for name, v in s.items()
                 if name == "turns" and "error" not in v}
         med |= {name: summarize(v, ("p50_s", "p99_s")) for name, v in s.items() if name == "latency" and "error" not in v}
+        med |= {name: summarize(v, ("tokens_per_s", "wall_s")) for name, v in s.items()
+                if name in ("fleet", "fleet_sync") and "error" not in v}
         med |= {name: summarize(v, ("tokens_per_s", "ttft_p50_s")) for name, v in s.items()
                 if name == "streams" and "error" not in v}
         get = lambda name, key, field: med.get(name, {}).get(key, {}).get(field)  # noqa: E731
@@ -324,6 +365,10 @@ def ratio_rows(results):
             get("streams", "stock", "ttft_p50_s"), 1.1, better="lower")
         add("6 scaling", model, "chat tokens/s dp2 / dp1", get("chat", "ours_dp2", "tokens_per_s"),
             get("chat", "ours", "tokens_per_s"))
+        add("8 many servers", model, "generate tokens/s, 2 servers x dp1 / 1 server x dp2",
+            get("fleet", "fleet", "tokens_per_s"), get("fleet", "ours_dp2", "tokens_per_s"))
+        add("8 many servers", model, "weight sync time, 2 servers x dp1 / 1 server x dp2",
+            get("fleet_sync", "fleet", "wall_s"), get("fleet_sync", "ours_dp2", "wall_s"), better="lower")
     sync = results.get("sync")
     if sync and "error" not in sync:
         label = f"{sync['model']} ({sync['params'] / 1e6:.1f}M)"

@@ -480,7 +480,9 @@ def test_reset_prefix_cache_ends_a_per_parameter_sync_and_serves_the_new_weights
 def test_our_client_syncs_weights_into_stock_vllm(models, greedy_refs, tmp_path):
     """Stock vLLM (TRL's documented dev-mode command line) with our gloo weight-transfer engine, which vLLM's
     workers import through its own extension flag: the client sees no legacy routes and speaks stock's
-    dialect. Generation and two syncs, each exact."""
+    dialect. Generation and two syncs, each exact: a batched one, and a per-parameter one (its tensors share
+    one weight-update session, ended by reset_prefix_cache(): vLLM rebuilds a fused layer, q/k/v or gate/up,
+    from one session's tensors, and a session per tensor left those layers garbage)."""
     stock = support.Server(models["seed0"], *support.SERVER_ARGS, "--worker-extension-cls",
                            "vllm_serve.WeightSyncWorkerExtension", "--weight-transfer-config", '{"backend": "gloo"}',
                            kind="stock", log_dir=tmp_path, env={"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(ROOT)})
@@ -490,8 +492,8 @@ def test_our_client_syncs_weights_into_stock_vllm(models, greedy_refs, tmp_path)
             assert greedy(client) == greedy_refs["seed0"]
             client.init_communicator(device="cpu")
             assert client.weight_sync == "stock"
-            for name in ("seed1", "seed0"):
-                client.update_model_params(Trained(checkpoint(models[name])))
+            for name, batched in (("seed1", True), ("seed0", False)):
+                client.update_model_params(Trained(checkpoint(models[name])), batched=batched)
                 client.reset_prefix_cache()
                 assert greedy(client) == greedy_refs[name]
             client.close_communicator()
