@@ -205,15 +205,7 @@ def run_model_phase(model_name, args, results):
                 if key == "inprocess":
                     r = target.call(prompts=prompts, max_tokens=n_tokens, temperature=1.0, ignore_eos=True, logprobs=0)
                     return {"tokens_per_s": r["completion_tokens"] / r["seconds"], "wall_s": r["seconds"]}
-                from vllm_client import VLLMClient
-
-                with VLLMClient(base_url=target.url) as client:
-                    start = time.perf_counter()
-                    out = client.generate(prompts, max_tokens=n_tokens, generation_kwargs={"ignore_eos": True})
-                    wall = time.perf_counter() - start
-                tokens = sum(len(ids) for ids in out["completion_ids"])
-                assert tokens == len(prompts) * n_tokens, f"{key}: {tokens} tokens"
-                return {"tokens_per_s": tokens / wall, "wall_s": wall}
+                return client_generate(key, target.url, prompts, n_tokens)
 
             scenarios["legacy"] = guarded(lambda: rounds(f"legacy/{model_name}", targets, legacy, args.repeats,
                                                          warmup=lambda k, t: legacy(k, t, 2)),
@@ -244,13 +236,7 @@ def run_fleet(model_name, path, targets, args):
     prompts, named = load.plain_prompts(args.legacy_n), support.checkpoint(path)
 
     def generate(key, urls, n_tokens=args.legacy_tokens):
-        with VLLMClient(base_url=urls) as client:
-            start = time.perf_counter()
-            out = client.generate(prompts, max_tokens=n_tokens, generation_kwargs={"ignore_eos": True})
-            wall = time.perf_counter() - start
-        tokens = sum(len(ids) for ids in out["completion_ids"])
-        assert tokens == len(prompts) * n_tokens, f"{key}: {tokens} tokens"
-        return {"tokens_per_s": tokens / wall, "wall_s": wall}
+        return client_generate(key, urls, prompts, n_tokens)
 
     def sync(key, urls):
         with VLLMClient(base_url=urls, group_port=support.free_port()) as client:
@@ -265,6 +251,19 @@ def run_fleet(model_name, path, targets, args):
                                             warmup=lambda k, t: generate(k, t, 2)), f"fleet on {model_name}"),
             "fleet_sync": guarded(lambda: rounds(f"fleet sync/{model_name}", targets, sync, args.repeats),
                                   f"fleet weight sync on {model_name}")}
+
+
+def client_generate(key, base_url, prompts, n_tokens):
+    """One VLLMClient.generate of `prompts` (scenarios 3 and 8) → its tokens/s and wall time."""
+    from vllm_client import VLLMClient
+
+    with VLLMClient(base_url=base_url) as client:
+        start = time.perf_counter()
+        out = client.generate(prompts, max_tokens=n_tokens, generation_kwargs={"ignore_eos": True})
+        wall = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in out["completion_ids"])
+    assert tokens == len(prompts) * n_tokens, f"{key}: {tokens} tokens"
+    return {"tokens_per_s": tokens / wall, "wall_s": wall}
 
 
 def guarded(fn, what):
