@@ -118,6 +118,7 @@ class VLLMClient:
         # stock's against a server that lacks the legacy routes, else legacy
         self.weight_sync, self.pause_mode, self._in_update = weight_sync, pause_mode, False
         self._session = False  # stock dialect: a weight-update session that per-parameter updates opened
+        self._exiting = False
         self.check_server(connection_timeout)
 
     def __enter__(self):
@@ -158,20 +159,28 @@ class VLLMClient:
         return [s for s in self.servers if not s.down] or list(self.servers)
 
     def _each(self, method, path, json=None, idempotent=False, servers=None):
-        """The same call to every server (default: the live ones), at once → their bodies, in order. A server
-        that does not answer is marked down; the first failure is raised once all calls ended."""
-        servers = self._live() if servers is None else servers
+        """The same call to every server (default: the live ones), at once → their bodies, in order. The first
+        failure is raised once all calls ended."""
+        outcomes = self._outcomes(method, path, json, idempotent, self._live() if servers is None else servers)
+        for result in outcomes:
+            if isinstance(result, VLLMClientError):
+                raise result
+        return outcomes
 
+    def _outcomes(self, method, path, json, idempotent, servers):
+        """The same call to `servers`, at once → each one's body or VLLMClientError, in order. A server that
+        does not answer is marked down."""
         def call(server):
             try:
                 return self._request(method, path, json, idempotent=idempotent, server=server)
             except VLLMClientError as exc:
                 server.down = server.down or _gone(exc)
-                raise
+                return exc
 
-        with ThreadPoolExecutor(max(1, len(servers))) as pool:
-            futures = [pool.submit(call, server) for server in servers]
-        return [future.result() for future in futures]
+        if len(servers) == 1 or self._exiting:
+            return [call(server) for server in servers]
+        with ThreadPoolExecutor(len(servers)) as pool:
+            return list(pool.map(call, servers))
 
     def _spread(self, count, run, weight=1):
         """Items 0..count-1 (prompts, conversations, sequences) over the live servers by load: each server gets
@@ -385,7 +394,7 @@ class VLLMClient:
             self._request("POST", "/init_communicator", json={**body, "rank_offset": offset}
                           if len(self.group) > 1 else body, server=server)
         self.communicator = self._join_group(world_size, store_host)
-        atexit.register(self.close_communicator)
+        atexit.register(self._close_at_exit)
 
     def _init_stock(self, sizes):
         """Stock dialect: host the group as rank 0 while the servers' workers join it, server i's after server
@@ -431,7 +440,7 @@ class VLLMClient:
                     self.communicator = trainer_init(init_info)
             for future in joined:
                 future.result()
-        atexit.register(self.close_communicator)
+        atexit.register(self._close_at_exit)
 
     def _join_group(self, world_size, store_host):
         """Connect to the TCP store the first server's first worker hosts, as rank `self.rank`."""
@@ -457,16 +466,12 @@ class VLLMClient:
     def _announce(self, path, body):
         """POST what comes next to every server of the group. If some took it and others failed, those that
         took it would wait for broadcasts that never come: the group is left, which ends their wait."""
-        servers = self._members()
-        with ThreadPoolExecutor(len(servers)) as pool:
-            futures = [pool.submit(self._request, "POST", path, body, server=server) for server in servers]
-        failed = [(server, f.exception()) for server, f in zip(servers, futures) if f.exception() is not None]
-        for server, exc in failed:
-            server.down = server.down or (isinstance(exc, VLLMClientError) and _gone(exc))
+        outcomes = self._outcomes("POST", path, body, False, self._members())
+        failed = [result for result in outcomes if isinstance(result, VLLMClientError)]
         if failed:
-            if len(failed) < len(servers):
+            if len(failed) < len(outcomes):
                 self._leave_group()
-            raise failed[0][1]
+            raise failed[0]
 
     def _broadcast(self, tensor):
         self.broadcasts += 1
@@ -528,10 +533,10 @@ class VLLMClient:
         self._begin()
         try:
             yield
-            self._each("POST", "/finish_weight_update", {}, servers=self._members())
-        finally:
-            self._in_update = False
-            self._each("POST", "/resume", servers=self._members())
+        except BaseException:
+            self._resume()
+            raise
+        self._finish()
 
     def _begin(self):
         servers = self._members()
@@ -539,21 +544,27 @@ class VLLMClient:
         try:
             self._each("POST", "/start_weight_update", {}, servers=servers)
         except BaseException:
-            self._each("POST", "/resume", servers=servers)
+            self._resume()
             raise
         self._in_update = True
 
     def _end_session(self):
         """Finish the session per-parameter updates opened, if one is open: vLLM rebuilds each layer from the
         tensors of one session, so a layer's tensors (q, k and v of a fused projection) must share one."""
-        if not self._session:
-            return
-        self._session = False
+        if self._session:
+            self._session = False
+            self._finish()
+
+    def _finish(self):
+        """The workers load what the session sent; generation resumes whether or not that worked."""
         try:
             self._each("POST", "/finish_weight_update", {}, servers=self._members())
         finally:
-            self._in_update = False
-            self._each("POST", "/resume", servers=self._members())
+            self._resume()
+
+    def _resume(self):
+        self._in_update = False
+        self._each("POST", "/resume", servers=self._members())
 
     def update_named_param(self, name, weights):
         """Legacy path: announce one tensor, then broadcast it. Stock dialect: the first one opens a
@@ -632,9 +643,13 @@ class VLLMClient:
                                            post_iter_func=lambda item: item[1].to(self._device).contiguous())
             self.broadcasts += 1
 
+    def _close_at_exit(self):
+        self._exiting = True  # no new thread starts at interpreter exit: servers are called one by one
+        self.close_communicator()
+
     def close_communicator(self):
         """Leave the weight-sync group, on every server of it; a server that is already gone is fine."""
-        atexit.unregister(self.close_communicator)
+        atexit.unregister(self._close_at_exit)
         path = "/shutdown_weight_transfer_engine" if self.weight_sync == "stock" else "/close_communicator"
         try:
             self._end_session()

@@ -88,9 +88,12 @@ logger = logging.getLogger("vllm_serve")
 
 BATCH_WAIT_MS = 0.0  # when idle, how long the first request waits for company. 0: start at once; the rest
 #                     of a burst joins at the next engine step anyway, and a lone request pays no delay
-ROUND_WAIT_MS = 5.0  # a busy replica answers a round at its first output or after this: the longest a new
+ROUND_WAIT_MS = 100.0  # a busy replica answers a round at its first output, at the bell (a new request, an
+#                        abort, any other call) or after this. Rounds without an output only cost: at 5 ms
+#                        they were 200 a second, 0.9 core-seconds in 14 (2 cores, a 290 ms engine step)
+BELL_POLL_S = 0.002  # how often a replica waiting for its engine's output looks at the bell: the longest a new
 #                      request waits to reach the engine (which keeps stepping in its own process meanwhile)
-ROUND_MAX_STEPS = 64  # engine steps one round may collect; more are left for the next round
+ROUND_MAX_STEPS = 64  # engine steps one round collects once it has an output; more are left for the next
 REPLICA_START_TIMEOUT_S = 1800.0  # model download + load + warmup of the slowest replica
 REPLICA_POLL_S = 1.0  # how often a waiting pipe read checks that the replica is still alive
 WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails the sync after this
@@ -166,7 +169,8 @@ def make_parser():
     ours.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
                       help="When idle, how long the first request waits for others, in ms.")
     ours.add_argument("--round-wait-ms", type=float, default=ROUND_WAIT_MS,
-                      help="Longest a busy replica runs before taking new requests, in ms.")
+                      help="Longest a busy replica waits for an output before answering a round, in ms "
+                           "(new requests, aborts and other calls end the wait at once).")
     ours.add_argument("--weight-sync-timeout", type=float, default=WEIGHT_SYNC_TIMEOUT_S,
                       help="Seconds a weight-sync broadcast may wait for the trainer.")
     ours.add_argument("--replica-start-timeout", type=float, default=REPLICA_START_TIMEOUT_S,
@@ -632,14 +636,16 @@ class Replica:
 
     Generation is continuous: vLLM's EngineCore steps in its own process; a `round` adds the requests the
     parent built (`EngineCoreRequest`s), aborts those whose client left, and returns the `RequestOutput`s
-    produced since the last round: one per token for streams (DELTA), one at the end otherwise.
+    produced since the last round: one per token for streams (DELTA), one at the end otherwise. `bell` is
+    a counter in shared memory that the parent bumps when it has something new: a round waiting for
+    outputs ends when it moved.
     """
 
-    def __init__(self, config, rank, log_stats):
+    def __init__(self, config, rank, log_stats, bell):
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        self.rank = rank
+        self.rank, self.bell = rank, bell
         self.engine = LLMEngine.from_vllm_config(config, usage_context=UsageContext.OPENAI_API_SERVER,
                                                  disable_log_stats=not log_stats)
         self.unfinished = set()  # keys of our requests still in the engine
@@ -654,10 +660,11 @@ class Replica:
                 "quantization": config.quantization,  # method name (e.g. "fp8", "compressed-tensors") or None
                 "gpu_uuids": self.engine.collective_rpc("device_uuid")}
 
-    def round(self, requests, aborts, wait_s):
+    def round(self, requests, aborts, wait_s, rung):
         """→ (outputs, errors, aborted): RequestOutputs since the last round, [(key, message)] for requests
-        the engine refused, and the keys it aborted while they ran. Returns at the first output, or after
-        `wait_s` without one; outputs already queued by then are collected without waiting."""
+        the engine refused, and the keys it aborted while they ran. Returns at the first output, when the
+        bell moves past `rung` (its value when the parent built this round), or after `wait_s`; outputs
+        already queued by then are collected without waiting."""
         self.finish_weight_update()
         aborted = [key for key in aborts if key in self.unfinished]
         if aborted:
@@ -671,11 +678,12 @@ class Replica:
                 self.unfinished.add(key)
             except Exception as exc:  # refused alone: the others in this round go on
                 errors.append((key, f"{type(exc).__name__}: {exc}"))
-        outputs, deadline = [], time.monotonic() + wait_s
-        for _ in range(ROUND_MAX_STEPS):
-            if not self.unfinished or not self.output_ready(0 if outputs else deadline - time.monotonic()):
+        outputs, deadline, collected = [], time.monotonic() + wait_s, 0
+        while self.unfinished and collected < ROUND_MAX_STEPS:
+            if not self.output_ready(0 if outputs else deadline - time.monotonic(), rung):
                 break
             outputs += self.step(errors)
+            collected += bool(outputs)
         return outputs, errors, aborted
 
     def step(self, errors):
@@ -694,14 +702,22 @@ class Replica:
         self.unfinished.difference_update(o.request_id for o in outputs if o.finished)
         return outputs
 
-    def output_ready(self, timeout):
-        """Whether `step` would return at once, waiting up to `timeout` s for the engine's next output. In
-        vLLM's multiprocess layout the EngineCore steps on its own; in-process, `step` runs the step."""
+    def output_ready(self, timeout, rung=None):
+        """Whether `step` would return at once, waiting up to `timeout` s for the engine's next output, or
+        until the bell moves past `rung`. In vLLM's multiprocess layout the EngineCore steps on its own;
+        in-process, `step` runs the step."""
+        rang = lambda: rung is not None and self.bell.value != rung  # noqa: E731
         outputs = getattr(self.engine.engine_core, "outputs_queue", None)  # queue.Queue (multiprocess)
         if outputs is None:
-            return timeout > 0
+            return timeout > 0 and not rang()
+        deadline = time.monotonic() + timeout
         with outputs.not_empty:  # its own lock: peek at the deque, consume nothing
-            return outputs.not_empty.wait_for(lambda: len(outputs.queue) > 0, max(timeout, 0))
+            while not outputs.queue:
+                left = deadline - time.monotonic()
+                if left <= 0 or rang():
+                    return False
+                outputs.not_empty.wait(min(left, BELL_POLL_S))
+            return True
 
     def pause(self, mode, clear_cache):
         """vLLM's scheduler pause: "keep" freezes the running requests (with `clear_cache`, vLLM 0.32 preempts
@@ -775,10 +791,10 @@ TRANSFER_METHODS = {"init_weight_transfer_engine", "start_weight_update", "updat
                     "shutdown_weight_transfer_engine"}  # vLLM's, on its workers (gpu_worker.py)
 
 
-def replica_main(config, rank, log_stats, conn):
+def replica_main(config, rank, log_stats, bell, conn):
     """Process body: load, say ready (or why not), then answer each message with a result or an error."""
     try:
-        replica = Replica(config, rank, log_stats)
+        replica = Replica(config, rank, log_stats, bell)
         conn.send(("ok", replica.info()))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -877,6 +893,7 @@ class Replicas:
         self.engine_processes = []  # the processes under the replicas, as last seen (watch)
         self.vllm_processes = []
         self.background = set()
+        self.bell = multiprocessing.get_context("spawn").Value("Q", 0, lock=False)  # Replica's; we alone write
 
     def __len__(self):
         return len(self.configs)
@@ -893,7 +910,7 @@ class Replicas:
         for rank, config in enumerate(self.configs):
             parent_conn, child_conn = ctx.Pipe()
             with environment(self.envs[rank]):
-                process = ctx.Process(target=replica_main, args=(config, rank, self.log_stats, child_conn),
+                process = ctx.Process(target=replica_main, args=(config, rank, self.log_stats, self.bell, child_conn),
                                       name=f"replica-{rank}")
                 process.start()
             child_conn.close()
@@ -935,14 +952,22 @@ class Replicas:
             raise first_error
         return results
 
+    def ring(self):
+        """A round in flight ends now (without waiting for outputs): there is something for the next one."""
+        self.bell.value += 1
+
     async def call(self, method, *args):
         """The same call on every replica → results in rank order."""
+        self.ring()
         async with self.lock:
             results = await asyncio.to_thread(self._exchange, {r: (method, args) for r in range(len(self))})
         return [results[r] for r in range(len(self))]
 
-    async def call_each(self, messages):
-        """A message per replica: {rank: (method, args)} → {rank: result}."""
+    async def call_each(self, messages, ring=True):
+        """A message per replica: {rank: (method, args)} → {rank: result}. `ring`: end a round in flight
+        first (not for the rounds themselves)."""
+        if ring:
+            self.ring()
         async with self.lock:
             return await asyncio.to_thread(self._exchange, messages)
 
@@ -950,6 +975,7 @@ class Replicas:
         """Send now and return; the replies are read in the background while the lock stays held, and a
         failure goes to `on_error(message)`. For weight sync: a replica blocks in a broadcast that the
         trainer joins only after this HTTP call returns, and nothing else may reach it until then."""
+        self.ring()
         await self.lock.acquire()
         try:
             await asyncio.to_thread(lambda: [self.conns[r].send(m) for r, m in messages.items()])
@@ -1084,6 +1110,11 @@ class Batcher:
         self.aborted = 0  # requests the replicas confirmed aborted in vLLM
         self.finished = [0] * len(replicas)  # requests each replica completed, since start
 
+    def nudge(self):
+        """Something for the next round: start it, and end the one in flight."""
+        self.wake.set()
+        self.replicas.ring()
+
     def load(self, rank):
         return sum(p.rank == rank for p in self.pending.values())
 
@@ -1094,7 +1125,7 @@ class Batcher:
         rank = min(range(len(self.replicas)), key=self.load) if rank is None else rank
         self.pending[key] = Pending(collector, rank)
         self.queued.setdefault(rank, []).append((request, prompt_text))
-        self.wake.set()
+        self.nudge()
 
     def cancel(self, key):
         """Forget `key`: still queued → never sent; sent → aborted in its engine at the next round."""
@@ -1103,7 +1134,7 @@ class Batcher:
             return
         if pending.sent:
             self.aborts.setdefault(pending.rank, []).append(key)
-            self.wake.set()
+            self.nudge()
         else:
             queue = self.queued.get(pending.rank, [])
             queue[:] = [(r, t) for r, t in queue if r.request_id != key]
@@ -1131,7 +1162,7 @@ class Batcher:
             self.reopen_timer.cancel()
             self.reopen_timer = None
         self.open.set()
-        self.wake.set()
+        self.nudge()
 
     def pause(self, timeout_s, engines):
         """Stop admitting requests until `resume`, or until `timeout_s` after the last pause (a trainer that
@@ -1152,7 +1183,7 @@ class Batcher:
             self.replicas.background.add(task)
             task.add_done_callback(self.replicas.background.discard)
         self.resumed.set()
-        self.wake.set()
+        self.nudge()
 
     async def pause_engines(self, mode, clear_cache):
         """The replicas' schedulers pause ("keep" or "abort"); outputs their engines produced meanwhile (the
@@ -1226,11 +1257,11 @@ class Batcher:
             for request, _ in requests:
                 self.pending[request.request_id].sent = True
             if requests or aborts or any(p.sent and p.rank == rank for p in self.pending.values()):
-                messages[rank] = ("round", (requests, aborts, self.round_s))
+                messages[rank] = ("round", (requests, aborts, self.round_s, self.replicas.bell.value))
         if not messages:
             return
         self.drained.clear()
-        replies = await self.replicas.call_each(messages)
+        replies = await self.replicas.call_each(messages, ring=False)
         for rank, (outputs, errors, aborted) in replies.items():
             self.aborted += len(aborted)
             for key, message in errors:

@@ -2,6 +2,9 @@
 it in input order, sends a dead server's prompts to the other, samples apart on both, and syncs weights
 into both in one group (each bucket broadcast once). Two servers of DP 1 on this machine."""
 
+import os
+import subprocess
+import sys
 import threading
 
 import psutil
@@ -9,7 +12,7 @@ import pytest
 import requests
 
 import vllm_client
-from support import CHATS, HANG_S, PROMPTS, checkpoint, free_port, greedy_ids
+from support import CHATS, HANG_S, PROMPTS, ROOT, checkpoint, free_port, greedy_ids
 from vllm_client import Server, VLLMClient, VLLMClientError, _buckets
 
 MAX_TOKENS = 8
@@ -111,6 +114,30 @@ def test_one_group_syncs_both_servers_and_broadcasts_each_bucket_once(fleet, mod
     for server in fleet:
         assert greedy(VLLMClient(base_url=server.url, timeout=HANG_S)) == expected["seed0"]
     client.close_communicator()
+
+
+TRAINER = """
+import sys
+sys.path.insert(0, {root!r})
+from vllm_client import VLLMClient
+VLLMClient(base_url={urls!r}, group_port={port}, timeout=120).init_communicator(device="cpu")
+print("joined", flush=True)
+"""  # and exits without closing its group
+
+
+def test_a_trainer_that_exits_without_closing_closes_the_group_on_every_server(fleet):
+    """The client closes its group at interpreter exit (atexit), on both servers; a later step then finds no
+    group (409) instead of waiting for broadcasts nobody sends. No thread may start at exit: the servers are
+    called one by one there (a thread pool raised "cannot schedule new futures after interpreter shutdown")."""
+    code = TRAINER.format(root=str(ROOT), urls=[server.url for server in fleet], port=free_port())
+    trainer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S,
+                             env=os.environ)
+    assert trainer.returncode == 0 and trainer.stdout.strip() == "joined", trainer.stderr
+    assert "Exception ignored" not in trainer.stderr, trainer.stderr
+    for server in fleet:
+        response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
+                                                       "shape": [128]})
+        assert response.status_code == 409 and "No weight-sync group" in response.text, response.text
 
 
 def test_a_server_killed_mid_generate_loses_no_prompt_and_the_survivor_syncs_again(expected, fleet, models):

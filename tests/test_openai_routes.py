@@ -119,8 +119,11 @@ def test_64_concurrent_sdk_chats_are_not_cross_wired(server, models, tokenizer):
 
 @pytest.fixture(scope="module")
 def long_server(models, start_server):
-    """A server whose context fits a request of 130k tokens (support.unending), in vLLM's production layout."""
-    srv = start_server(models["seed0"], *LONG_SERVER_ARGS, name="long", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    """A server whose context fits a request of 130k tokens (support.unending), in vLLM's production layout.
+    A round without an output never ends by itself here (an hour): new requests and aborts must reach the
+    busy engine through the replicas' bell, or the tests that send them hang."""
+    srv = start_server(models["seed0"], *LONG_SERVER_ARGS, "--round-wait-ms", "3600000", name="long",
+                       env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     yield srv
     assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
 
@@ -419,7 +422,11 @@ def test_requests_without_a_rank_go_to_the_least_loaded_replica_and_one_with_a_r
     import vllm_serve
 
     async def place():  # in a loop: the Batcher's events belong to one
-        batcher = vllm_serve.Batcher([None, None], wait_s=0, round_s=0)  # two stand-in replicas: only a count
+        class Replicas(list):  # two stand-in replicas: only a count, and a bell nobody hears
+            def ring(self):
+                pass
+
+        batcher = vllm_serve.Batcher(Replicas([None, None]), wait_s=0, round_s=0)
         request = lambda key: types.SimpleNamespace(request_id=key)  # noqa: E731
         for key, rank in [("a", None), ("b", None), ("c", None), ("d", 1), ("e", None)]:
             batcher.submit(key, request(key), "", rank, collector=None)
