@@ -17,8 +17,9 @@ Scenarios (numbers: flags below)
   5 sync     push every weight of a ~0.5B model: per-param vs batched vs raw gloo (bench/weight_sync.py)
   6 scaling  scenario 1 on our server with --data_parallel_size 1 vs 2
   7 streams  N concurrent streamed chats: tokens/s and median time to the first content token, ours vs stock
-  8 fleet    one VLLMClient over 2 of our servers (DP 1 each) vs over 1 server of DP 2: scenario 3's generate
-             (tokens/s), and the time of one batched weight sync (gloo) into both vs into the one
+  8 fleet    one VLLMClient over 2 of our servers (DP 1 each, each on its own core) vs over 1 server of DP 2:
+             scenario 3's generate (tokens/s), and the time of one batched weight sync (gloo) into both vs into
+             the one
 
 Method: per model, every engine (ours dp1, ours dp2, stock, in-process) is started at once and stays
 up for the whole phase (an idle engine takes under 1% CPU). Each scenario first warms every target, then runs
@@ -60,7 +61,7 @@ KV_BYTES = {"tiny": 256 << 20, "small": 256 << 20, "medium": 1 << 30, "large": 2
 MAX_MODEL_LEN = 2048
 SYNC_MAX_MODEL_LEN = 512  # the stall's rollouts: a short prompt and 400 tokens
 TARGETS = {"ours": "ours dp1", "ours_dp2": "ours dp2", "stock": "stock vLLM", "inprocess": "in-process LLM",
-           "ours_b": "ours dp1 (second)", "fleet": "2 x ours dp1"}
+           "fleet_a": "ours dp1 (core 0)", "fleet_b": "ours dp1 (core 1)", "fleet": "2 x ours dp1"}
 
 
 def parse_args(argv=None):
@@ -147,7 +148,7 @@ def run_model_phase(model_name, args, results):
     path = common.model_path(model_name)
     kv, want = KV_BYTES[model_name], set(args.only)
     procs = {}
-    if want & {"chat", "turns", "legacy", "latency", "scaling", "streams", "fleet"} or args.sync_model == model_name:
+    if want & {"chat", "turns", "legacy", "latency", "scaling", "streams"} or args.sync_model == model_name:
         procs["ours"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"chat", "turns", "legacy", "latency", "streams"}:
         procs["stock"] = common.server("stock", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
@@ -155,8 +156,11 @@ def run_model_phase(model_name, args, results):
         procs["inprocess"] = InProcess(path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"scaling", "fleet"}:
         procs["ours_dp2"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, dp=2)
-    if "fleet" in want:  # the fleet: "ours" and this one
-        procs["ours_b"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, name="ours-b")
+    if "fleet" in want:  # two servers, each on its own core as the DP-2 server puts its replicas (unpinned, both
+        # bind their OpenMP threads to every core, and the fleet ran at 0.52x of DP 2 on the medium model)
+        for i, key in enumerate(("fleet_a", "fleet_b")):
+            procs[key] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, name=key.replace("_", "-"),
+                                       env={"VLLM_CPU_OMP_THREADS_BIND": str(i % os.cpu_count())})
     phase = results["models"].setdefault(model_name, {"params": common.param_count(path), "scenarios": {},
                                                       "sizes": {k: getattr(args, k) for k in SIZED}})
     log(f"phase {model_name} ({phase['params'] / 1e6:.1f}M params): starting {', '.join(procs)}")
@@ -218,7 +222,7 @@ def run_model_phase(model_name, args, results):
                                            f"latency on {model_name}")
 
         if "fleet" in want:
-            scenarios.update(run_fleet(model_name, path, {"fleet": [procs["ours"].url, procs["ours_b"].url],
+            scenarios.update(run_fleet(model_name, path, {"fleet": [procs["fleet_a"].url, procs["fleet_b"].url],
                                                           "ours_dp2": [procs["ours_dp2"].url]}, args))
 
         if "sync" in want and args.sync_model == model_name:
