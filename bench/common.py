@@ -31,6 +31,9 @@ HEALTH_TIMEOUT_S = 900  # cold start of the biggest model on a loaded 2-core mac
 # Engine settings shared by every engine of a run. max_num_seqs / max_num_batched_tokens are pinned
 # because vLLM's CPU defaults differ between the LLM class (256 / 4096, what our workers and the
 # in-process reference get) and the OpenAI server (128 / 2048): stock gets the LLM-class values.
+IDLE_CORES = 0.25  # every target's processes together below this (in cores, idle engines included)...
+IDLE_WINDOW_S = 0.5  # ...over this window: the machine is quiet enough for the next measurement
+IDLE_TIMEOUT_S = 60  # give up waiting (and say so) after this
 MAX_NUM_SEQS = 256
 MAX_NUM_BATCHED_TOKENS = 4096
 
@@ -169,6 +172,33 @@ class InProcess:
         if self.log_file:
             self.log_file.close()
             self.log_file = None
+
+
+def settle():
+    """Wait until every process this bench started is idle. vLLM's EngineCore and workers busy-wait for a
+    while after their last request, so a target measured right after another ran beside that one's spinning
+    processes (a probe on tiny streams: the second target of a round lost up to 2x). → seconds waited."""
+    import psutil
+
+    def busy_s(processes):
+        total = 0.0
+        for p in processes:
+            try:
+                times = p.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
+    start = time.monotonic()
+    while time.monotonic() - start < IDLE_TIMEOUT_S:
+        processes = support.descendants(os.getpid())
+        before = busy_s(processes)
+        time.sleep(IDLE_WINDOW_S)
+        if busy_s(processes) - before < IDLE_CORES * IDLE_WINDOW_S:
+            return time.monotonic() - start
+    log(f"not idle after {IDLE_TIMEOUT_S} s; measuring anyway")
+    return time.monotonic() - start
 
 
 def start_all(procs):

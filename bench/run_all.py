@@ -23,7 +23,8 @@ Scenarios (numbers: flags below)
 
 Method: per model, every engine (ours dp1, ours dp2, stock, in-process) is started at once and stays
 up for the whole phase (an idle engine takes under 1% CPU). Each scenario first warms every target, then runs
-`repeats` rounds, alternating which target goes first, and the ratio is taken between medians. All
+`repeats` rounds, alternating which target goes first (each one once every process of the bench is idle:
+vLLM's engines busy-wait for a while after a burst), and the ratio is taken between medians. All
 engines run float32, eager, the same KV-cache bytes, max_model_len, max_num_seqs (256) and
 max_num_batched_tokens (4096: the LLM-class default our workers get; stock vLLM is given it too);
 VLLM_ENABLE_V1_MULTIPROCESSING stays at vLLM's default (on) everywhere, the production layout.
@@ -117,6 +118,7 @@ def rounds(name, targets, run, repeats, warmup=None):
     keys = list(targets)
     for r in range(repeats):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            common.settle()  # the previous target's engines stop spinning first
             out[key].append(run(key, targets[key]))
         shown = {k: next(out[k][-1][f] for f in ("tokens_per_s", "p50_s", "wall_s") if f in out[k][-1]) for k in keys}
         log(f"{name} round {r + 1}/{repeats}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
