@@ -77,7 +77,7 @@ import psutil  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from vllm.engine.protocol import EngineClient  # noqa: E402
-from vllm.exceptions import GracefulHTTPError, RetryableRequestError  # noqa: E402
+from vllm.exceptions import GenerationError, GracefulHTTPError, RetryableRequestError  # noqa: E402
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 
 logger = logging.getLogger("vllm_serve")
@@ -326,6 +326,17 @@ class WeightSyncWorkerExtension:
                 host, port, rank, world_size, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self.weight_client_rank, self.weight_timeout_s = world_size - 1, timeout_s
         return rank
+
+    def warm_up(self):
+        """One forward pass over one token, on CPU, where vLLM runs none before serving (eager mode with an
+        explicit KV cache size): a kernel that cannot take the served dtype on this CPU (AMX's int8 GEMM takes
+        only bf16 or half activations) then fails at start-up rather than in every request. CUDA workers have
+        run vLLM's own profiling pass by now."""
+        import torch
+
+        if self.device.type == "cpu":
+            with torch.inference_mode():
+                self.model_runner._dummy_run(1)
 
     def device_uuid(self):
         """This worker's GPU, as the trainer's client names its own (`client_device_uuid`); None on CPU."""
@@ -630,6 +641,20 @@ def register_gloo_transfer_engine():
 register_gloo_transfer_engine()
 
 
+class StartupRefused(Exception):
+    """A replica that would report healthy and then fail every request: its message says what to change."""
+
+
+def warm_up_refusal(dtype, error):
+    """Why a replica whose warm-up forward pass failed refuses to start, naming the dtype to serve in when the
+    error names one (AMX's int8 kernel: "expect A to be bfloat16 or half")."""
+    text, served = f"{type(error).__name__}: {error}", str(dtype).removeprefix("torch.")
+    named = [name for name, words in (("bfloat16", ("bfloat16", "bf16")), ("float16", ("half", "float16", "fp16")))
+             if name != served and any(word in text for word in words)]
+    advice = f"serve it with --dtype {named[0]}" if named else "try another --dtype (bfloat16, float16, float32)"
+    return f"the model cannot run on this machine in {served}: a warm-up forward pass failed ({text}); {advice}."
+
+
 class Replica:
     """What a replica process serves: one vLLM engine (`LLMEngine`, built from the parent's config with
     data-parallel size 1). Each public method is one message of the pipe protocol.
@@ -648,6 +673,11 @@ class Replica:
         self.rank, self.bell = rank, bell
         self.engine = LLMEngine.from_vllm_config(config, usage_context=UsageContext.OPENAI_API_SERVER,
                                                  disable_log_stats=not log_stats)
+        try:
+            self.engine.collective_rpc("warm_up")
+        except Exception as exc:
+            self.shutdown()
+            raise StartupRefused(warm_up_refusal(config.model_config.dtype, exc)) from None
         self.unfinished = set()  # keys of our requests still in the engine
         self.weights_pending = False  # a per-parameter sync received tensors not yet finalized
 
@@ -661,8 +691,9 @@ class Replica:
                 "gpu_uuids": self.engine.collective_rpc("device_uuid")}
 
     def round(self, requests, aborts, wait_s, rung):
-        """→ (outputs, errors, aborted): RequestOutputs since the last round, [(key, message)] for requests
-        the engine refused, and the keys it aborted while they ran. Returns at the first output, when the
+        """→ (outputs, errors, aborted): RequestOutputs since the last round, [(key, status, message)] for
+        requests the engine refused (400) or that were in a step that failed (500), and the keys it aborted
+        while they ran. Returns at the first output, when the
         bell moves past `rung` (its value when the parent built this round), or after `wait_s`; outputs
         already queued by then are collected without waiting."""
         self.finish_weight_update()
@@ -677,7 +708,7 @@ class Replica:
                 self.engine.add_request(key, request, request.params, prompt_text=prompt_text)
                 self.unfinished.add(key)
             except Exception as exc:  # refused alone: the others in this round go on
-                errors.append((key, f"{type(exc).__name__}: {exc}"))
+                errors.append((key, 400, f"{type(exc).__name__}: {exc}"))
         outputs, deadline, collected = [], time.monotonic() + wait_s, 0
         while self.unfinished and collected < ROUND_MAX_STEPS:
             if not self.output_ready(0 if outputs else deadline - time.monotonic(), rung):
@@ -687,14 +718,16 @@ class Replica:
         return outputs, errors, aborted
 
     def step(self, errors):
-        """One engine step; an engine failure fails the requests it was running, not the replica."""
+        """One engine step; an engine failure fails the requests it was running (500: the server's fault, not
+        theirs), not the replica. (In vLLM's multiprocess layout the EngineCore dies with it: EngineDeadError.)"""
         try:
             outputs = self.engine.step()
         except EngineDeadError:  # the replica exits with its engine (replica_main)
             raise
         except Exception as exc:
             logger.exception("replica %d: engine step failed", self.rank)
-            errors += [(key, f"{type(exc).__name__}: {exc}") for key in self.unfinished]
+            errors += [(key, 500, f"The engine step running this request failed: {type(exc).__name__}: {exc}")
+                       for key in self.unfinished]
             with contextlib.suppress(Exception):
                 self.engine.abort_request(list(self.unfinished), internal=False)
             self.unfinished.clear()
@@ -796,6 +829,9 @@ def replica_main(config, rank, log_stats, bell, conn):
     try:
         replica = Replica(config, rank, log_stats, bell)
         conn.send(("ok", replica.info()))
+    except StartupRefused as exc:
+        conn.send(("error", str(exc)))
+        return
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -1264,9 +1300,9 @@ class Batcher:
         replies = await self.replicas.call_each(messages, ring=False)
         for rank, (outputs, errors, aborted) in replies.items():
             self.aborted += len(aborted)
-            for key, message in errors:
+            for key, status, message in errors:
                 if (pending := self.pending.pop(key, None)) is not None:
-                    pending.collector.put(ValueError(message))
+                    pending.collector.put(ValueError(message) if status == 400 else GenerationError(message))
             self.deliver(rank, outputs)
 
     def deliver(self, rank, outputs):
@@ -1842,6 +1878,8 @@ async def legacy_generate_all(server, serving, request, engine_inputs, max_token
         return await asyncio.gather(*(final(e, i) for i, e in enumerate(engine_inputs)))
     except RetryableRequestError as exc:
         raise APIError(str(exc), status=503) from None
+    except GenerationError as exc:  # its engine step failed
+        raise APIError(str(exc), status=500) from None
     except ValueError as exc:  # refused by a replica's engine
         raise APIError(str(exc)) from None
 

@@ -16,6 +16,13 @@ import support
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+def pytest_report_header(config):
+    """Which of vLLM's CPU kernels this run exercises: they are chosen by instruction set."""
+    paths = support.cpu_paths()
+    return [f"CPU: {paths['isa']}", f"vLLM CPU kernels: {paths['library']}; int8 GEMM of the int8 test model: "
+            f"{paths['int8_gemm']}; attention: {paths['attention']}"]
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """{"seed0", "seed1", "tied0", "tied1"} → paths of tiny models built locally."""

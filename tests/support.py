@@ -91,6 +91,38 @@ def greedy_ids(llm, prompts, max_tokens):
             for o in reference(llm, prompts, temperature=0, max_tokens=max_tokens, ignore_eos=True)]
 
 
+# (N, K) of the tiny model's linear layers (hidden 128): qkv, o, gate_up, down. vLLM picks an int8 GEMM per shape.
+TINY_LINEAR_SHAPES = [(256, 128), (128, 128), (512, 128), (128, 256)]
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_paths():
+    """The instruction sets that choose vLLM's CPU kernels, and what they choose on this machine: its kernel
+    library, the int8 GEMM of the tiny model's quantized copy, and the attention kernel of float32 and bf16.
+    → {name: text}, for the pytest header and for tests that only one path can run."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch's deprecation notices, printed before the header otherwise
+        warnings.simplefilter("ignore")
+        import torch
+        from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    amx = torch.cpu._is_amx_tile_supported()
+    library = ("vllm._C (AVX-512 + BF16)" if torch.cpu._is_avx512_bf16_supported() else
+               "vllm._C_AVX512" if torch.cpu._is_avx512_supported() else "vllm._C_AVX2")
+    sgl = [check_cpu_sgl_kernel(n, k, torch.int8) for n, k in TINY_LINEAR_SHAPES]
+    int8 = ("SGL int8_scaled_mm_with_quant (AMX: bf16 or half activations only)" if all(sgl) else
+            "oneDNN int8 scaled mm (any activation dtype)" if not any(sgl) else "mixed: SGL and oneDNN by shape")
+    return {"isa": " ".join(f"{flag}={'yes' if flag in flags else 'no'}" for flag in ISA_FLAGS),
+            "library": library, "int8_gemm": int8, "sgl_int8": all(sgl),
+            "attention": f"float32 vec, bfloat16 {'amx' if amx else 'vec'}"}
+
+
 def checkpoint(model_dir):
     """A trainer's tensors: the checkpoint's [(name, tensor)], in its order."""
     from safetensors.torch import load_file

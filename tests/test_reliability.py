@@ -759,3 +759,37 @@ def test_sigterm_cuts_an_endless_request_with_a_503_then_exits_cleanly(models, s
     assert status == 503 and "shut down" in json.loads(text)["error"]["message"], (status, text[:500])
     _, alive = psutil.wait_procs(tree, timeout=support.STOP_TIMEOUT_S)
     assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_a_failed_engine_step_answers_500_for_its_requests_and_the_replica_serves_on(models, start_server,
+                                                                                   reference_llm):
+    """An engine step that raises (here a logits processor, loaded with vLLM's own --logits-processors, that
+    fails while a request asking for it is in the batch) is the server's fault: each request in that step
+    gets a 500 in OpenAI's shape (a stream ends with an error event), on /v1 and on the legacy route alike,
+    and the next request to the same replica completes with the reference's exact tokens."""
+    server = start_server(models["seed0"], "--api-key", API_KEY, "--logits-processors",
+                          "faults:FailingLogitsProcessor", env={"PYTHONPATH": str(ROOT / "tests")}, name="step-fault")
+    try:
+        reference = greedy_ids(reference_llm(models["seed0"]), PROMPTS, MAX_TOKENS)
+        greedy = {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        fail = {"vllm_xargs": {"fail": 1}}
+        for _ in range(2):  # twice: the replica that failed a step serves the next one exactly
+            response = post(server, "/v1/completions", {"prompt": PROMPTS[0], **greedy, **fail})
+            assert_error_shape(response, 500)
+            assert response.json()["error"]["type"] == "InternalServerError", response.text
+            assert "engine step" in response.json()["error"]["message"], response.text
+            chat = post(server, "/v1/chat/completions", {"messages": CHAT, **greedy, **fail})
+            assert_error_shape(chat, 500)
+            legacy = post(server, "/generate/", {"prompts": [PROMPTS[0]], "max_tokens": MAX_TOKENS, "temperature": 0,
+                                                "generation_kwargs": {"ignore_eos": True, **fail}})
+            assert_error_shape(legacy, 500)
+            with post(server, "/v1/completions", {"prompt": PROMPTS[0], **greedy, **fail, "stream": True},
+                      stream=True) as stream:
+                events = [json.loads(line[len("data: "):]) for line in stream.iter_lines(decode_unicode=True)
+                          if line.startswith("data: {")]
+            assert stream.status_code == 200 and events and events[-1]["error"]["code"] == 500, events
+            body = post(server, "/v1/completions", {"prompt": PROMPTS, **greedy}).json()
+            assert [c["token_ids"] for c in body["choices"]] == reference, dump(body)
+        assert server.health()["status"] == "ok" and server.proc.poll() is None
+    finally:
+        server.stop()

@@ -13,6 +13,8 @@ import threading
 import pytest
 import requests
 
+import support
+import vllm_serve
 from support import GREEDY, HANG_S, PROMPTS, ROOT, Trained, checkpoint, free_port, greedy_ids, wait_until
 from vllm_client import VLLMClient, VLLMClientError
 
@@ -182,9 +184,14 @@ def test_weight_sync_input_errors(server):
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
 
 
+INT8_DTYPE_ARGS = ["--dtype", "bfloat16"]  # after SERVER_ARGS' float32: the last one wins
+
+
 def int8_checkpoint(model_dir, out_dir):
     """A W8A8 int8 copy of a tiny model in compressed-tensors format: int8 linear weights with a scale per
-    output channel. One of the quantized formats vLLM's CPU build serves (its fp8 paths need AMX)."""
+    output channel. One of the quantized formats vLLM's CPU build serves (its fp8 paths need AMX). Served in
+    bfloat16 (INT8_DTYPE_ARGS), which both of its int8 GEMMs take: oneDNN's (any dtype) and, on AMX CPUs,
+    the SGL kernel (bf16 or half activations only). The pytest header says which one this machine uses."""
     import json
     import shutil
 
@@ -216,7 +223,7 @@ def test_weight_sync_into_a_quantized_model_is_refused(models, start_server, tmp
     """Until scales are synced too, every weight-sync call into a quantized model gets a 409 saying why,
     before anything reaches the workers: generation goes on with the served weights."""
     model = int8_checkpoint(pathlib.Path(models["seed0"]), tmp_path / "int8")
-    server = start_server(str(model), "--weight_sync_timeout", "30", name="sync-int8")
+    server = start_server(str(model), *INT8_DTYPE_ARGS, "--weight_sync_timeout", "30", name="sync-int8")
     try:
         served = greedy(server)
         meta = {"name": "model.norm.weight", "dtype": "torch.float32", "shape": [128]}
@@ -233,6 +240,27 @@ def test_weight_sync_into_a_quantized_model_is_refused(models, start_server, tmp
         assert greedy(server) == served
     finally:
         server.stop()
+
+
+def test_a_model_this_cpu_cannot_run_in_the_served_dtype_is_refused_at_start_up(models, start_server, tmp_path):
+    """On AMX CPUs vLLM's int8 GEMM takes only bf16 or half activations: served in float32, the int8 model
+    would report healthy and fail every request. The replicas' warm-up forward pass catches it, and the server
+    exits non-zero naming the dtype to use. (Elsewhere float32 runs: this machine's path is in the header.)"""
+    if not support.cpu_paths()["sgl_int8"]:
+        pytest.skip("this CPU's int8 GEMM (oneDNN) takes float32: nothing to refuse here")
+    model = int8_checkpoint(pathlib.Path(models["seed0"]), tmp_path / "int8")
+    server = start_server(str(model), name="int8-float32", wait=False)
+    assert server.proc.wait(support.HEALTH_TIMEOUT_S) == 1
+    assert "serve it with --dtype bfloat16" in server.log_text(), server.log_tail()
+
+
+def test_the_warm_up_refusal_names_the_dtype_to_serve_in():
+    amx = RuntimeError("int8_scaled_mm_with_quant: expect A to be bfloat16 or half")
+    assert vllm_serve.warm_up_refusal("torch.float32", amx).endswith("serve it with --dtype bfloat16.")
+    half = Exception("Worker failed with error 'kernel needs half inputs'")
+    assert vllm_serve.warm_up_refusal("bfloat16", half).endswith("serve it with --dtype float16.")
+    other = ValueError("a kernel failed")
+    assert "try another --dtype" in vllm_serve.warm_up_refusal("float32", other)
 
 
 def odd_width_models(root):
