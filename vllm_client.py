@@ -58,6 +58,7 @@ WEIGHT_ALIGN_BYTES = 16  # each tensor of a bucket starts at a multiple of this 
 WEIGHT_LAYOUT = 2  # the bucket layout sent to /update_named_params: tensors padded to WEIGHT_ALIGN_BYTES
 DEFAULT_PACKED_BYTES = 1 << 30  # stock dialect's chunk size: vLLM's default (both sides must agree)
 LEGACY_KEYS = ("prompt_ids", "completion_ids", "logprobs", "logprob_token_ids")  # TRL's generation result
+VERSIONED_KEYS = (*LEGACY_KEYS, "weight_versions")  # with return_weight_versions=True
 BINARY_KEYS = ("logprobs", "logprob_token_ids", "actual_logprobs", "actual_token_ids")  # binary sequence logprobs
 JSON_MIN_LOGPROB = -9999.0  # servers send -inf logprobs (outside top_p/top_k) as this, JSON having no infinity
 
@@ -117,7 +118,9 @@ class VLLMClient:
         # "legacy" (TRL's /init_communicator, this server's), "stock" (vLLM's weight-transfer routes), or None:
         # stock's against a server that lacks the legacy routes, else legacy
         self.weight_sync, self.pause_mode, self._in_update = weight_sync, pause_mode, False
-        self._session = False  # stock dialect: a weight-update session that per-parameter updates opened
+        self._session = False  # a weight update that per-parameter updates opened (reset_prefix_cache commits it)
+        self._version = None  # the version the update in progress commits under
+        self.packed_bytes = DEFAULT_PACKED_BYTES  # stock dialect: bytes per packed broadcast (sent at init)
         self._exiting = False
         self.check_server(connection_timeout)
 
@@ -261,14 +264,20 @@ class VLLMClient:
     # --- generation ----------------------------------------------------------------------------------
 
     def generate(self, prompts, images=None, n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0,
-                 min_p=0.0, max_tokens=16, logprobs=0, structured_outputs_regex=None, generation_kwargs=None):
+                 min_p=0.0, max_tokens=16, logprobs=0, structured_outputs_regex=None, generation_kwargs=None,
+                 return_weight_versions=False):
         """Completions for text or token-id prompts → {prompt_ids, completion_ids, logprobs, logprob_token_ids}.
 
         `logprobs=k`: per position the sampled token plus the top k, by logprob descending; None: none.
         `images`: one list of PIL images (or None) per prompt, sent through the legacy /generate/ route.
+        `return_weight_versions`: also `weight_versions`, per completion the weights that sampled its tokens,
+        [{version, start, end}] over its token indexes (None from a server that does not report them).
         """
         sampling = _sampling(n, repetition_penalty, temperature, top_p, top_k, min_p, max_tokens)
         sampling["logprobs"] = logprobs
+        if return_weight_versions:
+            sampling["return_weight_versions"] = True
+        keys = VERSIONED_KEYS if return_weight_versions else LEGACY_KEYS
         if images is not None:
             images = [[_png_base64(image) for image in row] if row else None for row in images]
             body = {**sampling, "structured_outputs_regex": structured_outputs_regex,
@@ -277,7 +286,7 @@ class VLLMClient:
             def run(server, part, done):
                 result = self._request("POST", "/generate/", json={
                     **body, "prompts": _pick(prompts, part), "images": _pick(images, part)}, server=server)
-                done.update(zip(part, _per_prompt(result, n)))
+                done.update(zip(part, _per_prompt(result, n, keys)))
         else:
             body = {"model": self._model_id(), **sampling, **_token_id_flags(structured_outputs_regex),
                     **(generation_kwargs or {})}
@@ -286,12 +295,13 @@ class VLLMClient:
                 choices = sorted(self._request("POST", "/v1/completions", json={**body, "prompt": _pick(prompts, part)},
                                                server=server)["choices"], key=lambda c: c["index"])
                 prompt_ids = [c["prompt_token_ids"] for c in choices[::body["n"]]]  # prompt-major: n per prompt
-                done.update(zip(part, _per_prompt(_legacy_result(prompt_ids, choices, body["logprobs"]), body["n"])))
-        return _joined(self._spread(len(prompts), run, weight=n), LEGACY_KEYS)
+                done.update(zip(part, _per_prompt(_legacy_result(prompt_ids, choices, body["logprobs"]), body["n"],
+                                                  keys)))
+        return _joined(self._spread(len(prompts), run, weight=n), keys)
 
     def chat(self, messages, n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
              max_tokens=16, logprobs=0, structured_outputs_regex=None, generation_kwargs=None,
-             chat_template_kwargs=None, tools=None, chat_template=None):
+             chat_template_kwargs=None, tools=None, chat_template=None, return_weight_versions=False):
         """Completions for a batch of conversations, same result shape as `generate`.
 
         Callable `tools` become JSON schemas (rendered into the prompt, never called); `image_pil` parts
@@ -300,7 +310,8 @@ class VLLMClient:
         body = {"model": self._model_id(),
                 **_sampling(n, repetition_penalty, temperature, top_p, top_k, min_p, max_tokens),
                 **_token_id_flags(structured_outputs_regex),
-                **_chat_options(logprobs, tools, chat_template, chat_template_kwargs), **(generation_kwargs or {})}
+                **_chat_options(logprobs, tools, chat_template, chat_template_kwargs), **(generation_kwargs or {}),
+                **({"return_weight_versions": True} if return_weight_versions else {})}
 
         def run(server, part, done):
             def send(i):
@@ -311,7 +322,8 @@ class VLLMClient:
 
             with ThreadPoolExecutor(max(1, min(self.max_concurrent_chats, len(part)))) as pool:
                 list(pool.map(send, part))
-        return _joined(self._spread(len(messages), run, weight=n), LEGACY_KEYS)
+        return _joined(self._spread(len(messages), run, weight=n),
+                       VERSIONED_KEYS if return_weight_versions else LEGACY_KEYS)
 
     def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs=100, temperature=1.0, use_binary=True,
                               chunk_size=0, max_concurrent_requests=4):
@@ -355,7 +367,7 @@ class VLLMClient:
             return list(pool.map(render, images))
 
     def reset_prefix_cache(self):
-        """Also ends a stock-dialect session of per-parameter updates (TRL's per-parameter sync ends here)."""
+        """Also commits an open session of per-parameter updates (TRL's per-parameter sync ends here)."""
         self._end_session()
         self._each("POST", "/reset_prefix_cache", idempotent=True)
 
@@ -368,7 +380,7 @@ class VLLMClient:
         import torch
 
         self._leave_group()  # a group of an earlier init: its NCCL communicator is not reused
-        self.group = self._live()
+        self.group, self._in_update, self._session = self._live(), False, False
         infos = self._each("GET", "/get_world_size", idempotent=True, servers=self.group)
         legacy = ["weight_sync_backend" in info for info in infos]
         self.weight_sync = self.weight_sync or ("legacy" if all(legacy) else "stock")
@@ -379,11 +391,8 @@ class VLLMClient:
         if not all(legacy):
             raise VLLMClientError(f"{self.group[legacy.index(False)].url} does not speak TRL's weight-sync "
                                   "protocol: one group uses one dialect (weight_sync='stock' for all).")
-        backends = {info["weight_sync_backend"] for info in infos}
-        if len(backends) > 1:
-            raise VLLMClientError(f"The servers transfer weights over different backends ({sorted(backends)}): "
-                                  "one group uses one.")
-        world_size, self._backend = sum(sizes) + 1, backends.pop()
+        self._backend = self._transport({info["weight_sync_backend"] for info in infos})
+        world_size = sum(sizes) + 1
         self.rank = world_size - 1
         # The first server's first worker hosts the group's TCP store, at an address every rank reaches
         store_host = _store_host([s.host for s in self.group])
@@ -395,6 +404,19 @@ class VLLMClient:
                           if len(self.group) > 1 else body, server=server)
         self.communicator = self._join_group(world_size, store_host)
         atexit.register(self._close_at_exit)
+
+    def _transport(self, backends):
+        """The servers' one transport, usable from `self._device`; refused before any group forms otherwise."""
+        backend = backends.pop() if len(backends) == 1 else None
+        if backend not in ("gloo", "nccl"):
+            raise VLLMClientError(f"The servers' weight transfer is {backend or 'mixed'!r}: this client speaks gloo "
+                                  "or NCCL, one for the whole group (--weight-transfer-config '{\"backend\": "
+                                  "\"nccl\"}', or gloo on CPU servers).")
+        if backend == "nccl" and getattr(self._device, "type", None) != "cuda":
+            raise VLLMClientError(f"The server transfers weights over NCCL, which needs a CUDA device; got "
+                                  f"{self._device}. On a CPU server, use --weight-transfer-config "
+                                  "'{\"backend\": \"gloo\"}'.")
+        return backend
 
     def _init_stock(self, sizes):
         """Stock dialect: host the group as rank 0 while the servers' workers join it, server i's after server
@@ -409,19 +431,12 @@ class VLLMClient:
                     raise
                 raise VLLMClientError(f"{server.url} does not speak stock vLLM's weight-transfer API (no "
                                       "/server_info): one group uses one dialect.") from exc
-        backends = {(config.get("weight_transfer_config") or {}).get("backend") for config in configs}
-        self._backend = backends.pop() if len(backends) == 1 else None
-        if self._backend not in ("gloo", "nccl"):
-            raise VLLMClientError(f"The servers' weight transfer is {self._backend or 'mixed'!r}: start each with "
-                                  "--weight-transfer-config '{\"backend\": \"nccl\"}' (or gloo on CPU).")
-        if self._backend == "nccl" and getattr(self._device, "type", None) != "cuda":
-            raise VLLMClientError(f"The server transfers weights over NCCL, which needs a CUDA device; got "
-                                  f"{self._device}. On a CPU server, use --weight-transfer-config "
-                                  "'{\"backend\": \"gloo\"}'.")
+        self._backend = self._transport({(c.get("weight_transfer_config") or {}).get("backend") for c in configs})
         world_size, offsets = sum(sizes) + 1, list(itertools.accumulate(sizes[:-1], initial=1))
-        self.rank, address = 0, _local_address_towards(self.group[0].host)
+        remote = [s.host for s in self.group if not _is_loopback(s.host)]
+        self.rank, address = 0, _local_address_towards(remote[0] if remote else self.group[0].host)
         init_info = {"master_address": address, "master_port": self.group_port, "world_size": world_size,
-                     "packed": True}
+                     "packed": True, "packed_buffer_size_bytes": self.packed_bytes}
         with ThreadPoolExecutor(len(self.group)) as pool:
             joined = [pool.submit(self._request, "POST", "/init_weight_transfer_engine",
                                   {"init_info": {**init_info, "rank_offset": offset}}, server=server)
@@ -437,7 +452,7 @@ class VLLMClient:
                 from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
                 with torch.cuda.device(self._device):
-                    self.communicator = trainer_init(init_info)
+                    self.communicator = _enabled(trainer_init(init_info))
             for future in joined:
                 future.result()
         atexit.register(self._close_at_exit)
@@ -452,132 +467,189 @@ class VLLMClient:
             return stateless_init_torch_distributed_process_group(
                 host, self.group_port, self.rank, world_size, backend="gloo",
                 timeout=datetime.timedelta(seconds=timeout_s))
+        import torch
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.utils.nccl import unpinned_nccl_env
 
         group = StatelessProcessGroup.create(host=host, port=self.group_port, rank=self.rank,
                                              world_size=world_size, store_timeout=int(timeout_s))
-        return PyNcclCommunicator(group, device=self._device)
+        with torch.cuda.device(self._device), unpinned_nccl_env():
+            return _enabled(PyNcclCommunicator(group, device=self._device))
 
     def _members(self):
         """The servers of the open group (before any init: the live ones, which then answer that none is open)."""
         return self.group or self._live()
 
-    def _announce(self, path, body):
-        """POST what comes next to every server of the group. If some took it and others failed, those that
-        took it would wait for broadcasts that never come: the group is left, which ends their wait."""
-        outcomes = self._outcomes("POST", path, body, False, self._members())
-        failed = [result for result in outcomes if isinstance(result, VLLMClientError)]
-        if failed:
-            if len(failed) < len(outcomes):
-                self._leave_group()
-            raise failed[0]
+    # One weight update: _open, the tensors (announced to every server, then broadcast once), _commit. Any
+    # failure on any server ends in _abandon: every server rolls back to the weights it had, and the group
+    # closes (the next init_communicator starts clean).
 
-    def _broadcast(self, tensor):
+    @contextlib.contextmanager
+    def _update(self):
+        """One update on every server of the group; inside an open one (nested, or a session of per-parameter
+        updates), that one's."""
+        if self._in_update:
+            yield
+            return
+        self._open()
+        try:
+            yield
+        except BaseException:
+            self._abandon()
+            raise
+        self._commit()
+
+    def _open(self):
+        """Name the update's version (one past the highest the servers report; None where a server reports
+        none) and, in stock's dialect, pause generation (`pause_mode`) and start the update."""
+        servers = self._members()
+        self._version = self._next_version(servers)
+        self._in_update = True
+        if self.weight_sync == "stock":
+            try:
+                self._each("POST", f"/pause?mode={self.pause_mode}", servers=servers)
+                self._each("POST", "/start_weight_update", {}, servers=servers)
+            except BaseException:
+                self._abandon()
+                raise
+
+    def _next_version(self, servers):
+        try:
+            versions = [info["weight_version"] for info in self._each("GET", "/weight_info", idempotent=True,
+                                                                      servers=servers)]
+        except VLLMClientError as exc:
+            if exc.status_code == 404:  # a server without versions (TRL's own)
+                return None
+            raise
+        return str(1 + max(int(v) if str(v).isdigit() else 0 for v in versions))
+
+    def _commit(self):
+        """Every server took the whole update: each commits it under its version, then resumes (stock); all
+        of them must then report that version."""
+        servers, version = self._members(), self._version
+        try:
+            self._each("POST", "/finish_weight_update", {"weight_version": version} if version else {},
+                       servers=servers)
+            if self.weight_sync == "stock":
+                self._each("POST", "/resume", servers=servers)
+        except BaseException:
+            self._abandon()
+            raise
+        self._in_update = self._session = False
+        if version is not None:
+            reported = self._each("GET", "/weight_info", idempotent=True, servers=servers)
+            stale = [s.url for s, info in zip(servers, reported) if info["weight_version"] != version]
+            if stale:
+                raise VLLMClientError(f"After the weight update to version {version}, these servers report another "
+                                      f"version: {stale}.")
+
+    def _abandon(self):
+        """An update failed somewhere: leave the group (a server still waiting for a broadcast stops now), and
+        ask every server to roll back and close its side (a server that already took everything would
+        otherwise wait for a commit). Best effort: a server that is gone rolled back on its own."""
+        self._in_update = self._session = False
+        self._leave_group()
+        close = "/shutdown_weight_transfer_engine" if self.weight_sync == "stock" else "/close_communicator"
+        for path in ["/abort_weight_update", close] + (["/resume"] if self.weight_sync == "stock" else []):
+            self._outcomes("POST", path, {}, False, self._members())
+        self.group = []
+
+    def _end_session(self):
+        """Commit the session that per-parameter updates opened, if one is open: vLLM rebuilds each layer from
+        the tensors of one session, so a layer's tensors (q, k and v of a fused projection) must share one."""
+        if self._session:
+            self._commit()
+
+    def _announced(self, path, body):
+        """POST `body` to every server of the group from threads, while this thread broadcasts (`_sending`):
+        → the futures of their answers, which come once the server took everything."""
+        pool = ThreadPoolExecutor(len(self._members()))
+        futures = [pool.submit(self._request, "POST", path, body, server=server) for server in self._members()]
+        pool.shutdown(wait=False)
+        return futures
+
+    def _broadcast(self, tensor, announced=()):
+        """One tensor to every server. gloo: watched until sent, ending early if an announce failed (the servers
+        then never receive) or at `timeout`."""
         self.broadcasts += 1
         if self._backend == "gloo":
-            self.communicator.broadcast(tensor.cpu().contiguous(), root=self.rank).wait()
+            self._await(self.communicator.broadcast(tensor.cpu().contiguous(), root=self.rank), announced)
         else:  # raw memory goes on the wire: one contiguous tensor on the group's device
             self.communicator.broadcast(tensor.to(self._device).contiguous(), src=self.rank)
-            self.communicator.group.barrier()
+            if self.weight_sync != "stock":
+                self.communicator.group.barrier()  # TRL's protocol: both sides barrier on the store
+
+    def _await(self, work, announced=()):
+        """A gloo broadcast's completion, within `timeout`; an announce that failed meanwhile is raised."""
+        deadline, pause = time.monotonic() + (self.timeout or DEFAULT_TIMEOUT_S), 0.0001
+        while not work.is_completed():
+            for future in announced:
+                if future.done() and future.exception() is not None:
+                    raise future.exception()
+            if time.monotonic() > deadline:
+                raise VLLMClientError(f"A weight broadcast did not complete within {self.timeout} s.")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        work.wait()
 
     @contextlib.contextmanager
     def _sending(self):
-        """Around a sync's broadcasts. NCCL: on the group's device (its sends queue on that device's current
-        stream), and done only once that stream sent everything, within `timeout` (the caller may change the
-        weights right after). Any failure leaves the group, which the server closes too: the next
-        init_communicator starts clean."""
-        try:
-            if self._backend != "nccl":
-                yield
-                return
-            import torch
+        """Around a sync's broadcasts. NCCL: on the group's device, after the work already queued on its
+        current stream (an optimizer step still writing the weights), and done only once that stream sent
+        everything, within `timeout` (the caller may change the weights right after)."""
+        if self._backend != "nccl":
+            yield
+            return
+        import torch
 
-            with torch.cuda.device(self._device):
-                yield
-                sent = torch.cuda.Event()
-                sent.record()
-                if not _completed(sent.query, self.timeout or DEFAULT_TIMEOUT_S):
-                    raise VLLMClientError(f"The weight broadcast did not complete within {self.timeout} s.")
-        except BaseException:
-            self._leave_group()
-            raise
+        with torch.cuda.device(self._device):
+            yield
+            sent = torch.cuda.Event()
+            sent.record()
+            if not _completed(sent.query, self.timeout or DEFAULT_TIMEOUT_S):
+                raise VLLMClientError(f"The weight broadcast did not complete within {self.timeout} s.")
 
     def _leave_group(self):
         """Drop our side of the group: gloo's is shut down; NCCL's destroyed (aborted: a broadcast still
         posted ends instead of spinning on the GPU)."""
         comm, self.communicator, self._pack_buffers = self.communicator, None, []
         if comm is not None:
-            (comm.destroy if hasattr(comm, "destroy") else comm.shutdown)()
+            with contextlib.suppress(Exception):
+                (comm.destroy if hasattr(comm, "destroy") else comm.shutdown)()
 
     @contextlib.contextmanager
     def weight_update(self):
-        """Newer TRL's spelling of one sync step: push weights inside the block. Stock dialect: generation is
-        paused (`pause_mode`) and the update started on entry, finished and resumed on a clean exit. On a
-        clean exit the prefix cache is reset, so no cached KV of the old weights is reused."""
-        if self.weight_sync == "stock":
-            with self._stock_update():
-                yield self
-        else:
+        """Newer TRL's spelling of one sync step: push weights inside the block, which is one update on every
+        server: committed on a clean exit (stock dialect: generation paused, `pause_mode`, on entry, resumed
+        at the end), rolled back on any failure. On a clean exit the prefix cache is reset too."""
+        with self._update():
             yield self
         self.reset_prefix_cache()
 
-    @contextlib.contextmanager
-    def _stock_update(self):
-        """One weight-update session on every server of the group: paused (`pause_mode`) and started on entry,
-        finished and resumed on a clean exit, resumed on any exit. Nested (inside weight_update() or a session
-        of per-parameter updates): the enclosing session's."""
-        if self._in_update:
-            yield
-            return
-        self._begin()
-        try:
-            yield
-        except BaseException:
-            self._resume()
-            raise
-        self._finish()
-
-    def _begin(self):
-        servers = self._members()
-        self._each("POST", f"/pause?mode={self.pause_mode}", servers=servers)
-        try:
-            self._each("POST", "/start_weight_update", {}, servers=servers)
-        except BaseException:
-            self._resume()
-            raise
-        self._in_update = True
-
-    def _end_session(self):
-        """Finish the session per-parameter updates opened, if one is open: vLLM rebuilds each layer from the
-        tensors of one session, so a layer's tensors (q, k and v of a fused projection) must share one."""
-        if self._session:
-            self._session = False
-            self._finish()
-
-    def _finish(self):
-        """The workers load what the session sent; generation resumes whether or not that worked."""
-        try:
-            self._each("POST", "/finish_weight_update", {}, servers=self._members())
-        finally:
-            self._resume()
-
-    def _resume(self):
-        self._in_update = False
-        self._each("POST", "/resume", servers=self._members())
-
     def update_named_param(self, name, weights):
-        """Legacy path: announce one tensor, then broadcast it. Stock dialect: the first one opens a
-        weight-update session that reset_prefix_cache() (or a batched update, or close_communicator()) ends."""
-        if self.weight_sync == "stock":
-            if not self._in_update:
-                self._begin()
-                self._session = True
-            return self._send_stock([(name, weights.detach())])
-        self._announce("/update_named_param", {"name": name, "dtype": str(weights.dtype),
-                                               "shape": list(weights.shape)})
-        with self._sending():
-            self._broadcast(weights.detach())
+        """Legacy path: announce one tensor, then broadcast it. The first one opens a session of per-parameter
+        updates that reset_prefix_cache() (or a batched update, or close_communicator()) commits."""
+        if not self._in_update:
+            self._open()
+            self._session = True
+        try:
+            if self.weight_sync == "stock":
+                return self._send_stock([(name, weights.detach())])
+            self._announce("/update_named_param", {"name": name, "dtype": str(weights.dtype),
+                                                   "shape": list(weights.shape), "version": self._version})
+            with self._sending():
+                self._broadcast(weights.detach())
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _announce(self, path, body):
+        """POST what comes next to every server of the group, each answering before the broadcast."""
+        for result in self._outcomes("POST", path, {k: v for k, v in body.items() if v is not None}, False,
+                                     self._members()):
+            if isinstance(result, VLLMClientError):
+                raise result
 
     def update_named_params(self, named_tensors, bucket_bytes=WEIGHT_BUCKET_BYTES):
         """Announce all tensors at once, then broadcast them packed in uint8 buckets of about `bucket_bytes`.
@@ -589,20 +661,25 @@ class VLLMClient:
         if not isinstance(bucket_bytes, int):  # TRL 1.16's (metadata, named_params)
             named_tensors, bucket_bytes = bucket_bytes, WEIGHT_BUCKET_BYTES
         named = [(name, tensor.detach()) for name, tensor in named_tensors]
-        if self.weight_sync == "stock":
-            self._end_session()
-            return self._send_stock(named)
-        params = [{"name": name, "dtype": str(t.dtype), "shape": list(t.shape)} for name, t in named]
-        self._announce("/update_named_params", {"params": params, "bucket_bytes": bucket_bytes,
-                                                "layout": WEIGHT_LAYOUT, "pause": self.pause_mode})
-        buckets = _buckets(named, bucket_bytes)
-        with self._sending():
-            if self._backend == "gloo":
-                _broadcast_buckets(self.communicator, self.rank, buckets, self._pack_buffers)
-                self.broadcasts += len(buckets)
-            else:  # a bucket's tensors may sit on other devices (CPU-offloaded parameters)
-                for bucket in buckets:
-                    self._broadcast(torch.cat(_packed([t.to(self._device) for t in bucket])))
+        self._end_session()
+        with self._update():
+            if self.weight_sync == "stock":
+                return self._send_stock(named)
+            params = [{"name": name, "dtype": str(t.dtype), "shape": list(t.shape)} for name, t in named]
+            announced = self._announced("/update_named_params", {
+                "params": params, "bucket_bytes": bucket_bytes, "layout": WEIGHT_LAYOUT, "pause": self.pause_mode,
+                "finish": False, **({"version": self._version} if self._version else {})})
+            buckets = _buckets(named, bucket_bytes)
+            with self._sending():
+                if self._backend == "gloo":
+                    _broadcast_buckets(self.communicator, self.rank, buckets, self._pack_buffers,
+                                       lambda work: self._await(work, announced))
+                    self.broadcasts += len(buckets)
+                else:  # a bucket's tensors may sit on other devices (CPU-offloaded parameters)
+                    for bucket in buckets:
+                        self._broadcast(torch.cat(_packed([t.to(self._device) for t in bucket])))
+            for future in announced:
+                future.result()
 
     def update_model_params(self, model, *, batched=True):
         """Push every `model.named_parameters()` tensor: batched by default, one call per tensor otherwise."""
@@ -619,29 +696,56 @@ class VLLMClient:
         update_info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.")
                                                                        for _, t in named],
                        "shapes": [list(t.shape) for _, t in named]}
-        with self._stock_update(), ThreadPoolExecutor(len(self._members())) as pool:
-            loaded = [pool.submit(self._request, "POST", "/update_weights", {"update_info": update_info},
-                                  server=server) for server in self._members()]
+        with self._update():
+            loaded = self._announced("/update_weights", {"update_info": update_info})
             with self._sending():
-                self._send_packed(named)
+                self._send_packed(named, loaded)
             for future in loaded:
                 future.result()
 
-    def _send_packed(self, named):
+    def _send_packed(self, named, announced):
         """Broadcast `named` packed as vLLM packs them: its NCCL engine's layout, ours on gloo."""
         if self._backend == "gloo":
             from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
 
             tensors = iter([(n, t.cpu().contiguous()) for n, t in named])
-            while (chunk := pack_tensors(tensors, lambda item: item[1], DEFAULT_PACKED_BYTES)) is not None:
-                self.communicator.broadcast(chunk.packed_tensor, root=0).wait()
+            while (chunk := pack_tensors(tensors, lambda item: item[1], self.packed_bytes)) is not None:
+                self._await(self.communicator.broadcast(chunk.packed_tensor, root=0), announced)
                 self.broadcasts += 1
-        else:  # vLLM's producer sends its chunks itself: counted as one
-            from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+            return
+        self._produce(named)
+        self.broadcasts += 1  # vLLM's producer sends its chunks itself: counted as one
 
-            packed_nccl_broadcast_producer(iter(named), self.communicator, src=0,
-                                           post_iter_func=lambda item: item[1].to(self._device).contiguous())
-            self.broadcasts += 1
+    def _produce(self, named):
+        """vLLM's NCCL producer, which packs on its own cached side streams: they first wait for this device's
+        current stream (an optimizer step may still be writing the weights). It synchronizes those streams
+        on the host, so it runs in a thread watched against `timeout`; past it the communicator is destroyed,
+        which ends its broadcasts."""
+        import torch
+        from vllm.distributed.weight_transfer.packed_tensor import (DEFAULT_PACKED_NUM_BUFFERS, _get_streams,
+                                                                    packed_nccl_broadcast_producer)
+
+        for stream in _get_streams(self._device.index, DEFAULT_PACKED_NUM_BUFFERS):
+            stream.wait_stream(torch.cuda.current_stream(self._device))
+        outcome = {}
+
+        def produce():
+            try:
+                with torch.cuda.device(self._device):
+                    packed_nccl_broadcast_producer(iter(named), self.communicator, src=0,
+                                                   post_iter_func=lambda item: item[1].to(self._device).contiguous(),
+                                                   buffer_size_bytes=self.packed_bytes)
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=produce, daemon=True, name="weight-producer")
+        thread.start()
+        thread.join(self.timeout or DEFAULT_TIMEOUT_S)
+        if thread.is_alive():
+            self._leave_group()
+            raise VLLMClientError(f"The weight broadcast did not complete within {self.timeout} s.")
+        if "error" in outcome:
+            raise outcome["error"]
 
     def _close_at_exit(self):
         self._exiting = True  # no new thread starts at interpreter exit: servers are called one by one
@@ -697,10 +801,10 @@ def _pick(values, part):
     return values if list(part) == list(range(len(values))) else [values[i] for i in part]
 
 
-def _per_prompt(result, n):
+def _per_prompt(result, n, keys=LEGACY_KEYS):
     """A legacy result → one per prompt (its prompt ids, and its n completions' rows)."""
-    return [{key: None if result[key] is None else
-             result[key][k:k + 1] if key == "prompt_ids" else result[key][k * n:(k + 1) * n] for key in LEGACY_KEYS}
+    return [{key: None if result.get(key) is None else
+             result[key][k:k + 1] if key == "prompt_ids" else result[key][k * n:(k + 1) * n] for key in keys}
             for k in range(len(result["prompt_ids"]))]
 
 
@@ -815,9 +919,11 @@ def _legacy_result(prompt_ids, choices, k):
     positions = [_positions(c["logprobs"]) for c in choices]
     rows = None if k is None or any(p is None for p in positions) else \
         [[_entries(sampled, tops, k) for sampled, tops in p] for p in positions]
+    versions = [c.get("weight_versions") for c in choices]
     return {"prompt_ids": prompt_ids, "completion_ids": [c["token_ids"] for c in choices],
             "logprobs": None if rows is None else [[[lp for _, lp in e] for e in row] for row in rows],
-            "logprob_token_ids": None if rows is None else [[[t for t, _ in e] for e in row] for row in rows]}
+            "logprob_token_ids": None if rows is None else [[[t for t, _ in e] for e in row] for row in rows],
+            "weight_versions": None if None in versions else versions}
 
 
 def _decode_binary_logprobs(response):
@@ -866,11 +972,12 @@ def _packed(bucket):
     return pieces
 
 
-def _broadcast_buckets(group, root, buckets, buffers):
+def _broadcast_buckets(group, root, buckets, buffers, wait):
     """gloo: send each bucket as one uint8 tensor, packing bucket k+1 while bucket k is on the wire.
 
     `buffers` (the caller's list, kept across syncs) holds the two packing buffers: a fresh 256 MiB
-    tensor costs more in page faults than the copy into it (0.5 s on a first sync, measured).
+    tensor costs more in page faults than the copy into it (0.5 s on a first sync, measured). `wait(work)`
+    returns once a send is complete.
     """
     import torch
 
@@ -886,10 +993,10 @@ def _broadcast_buckets(group, root, buckets, buffers):
         packed = buffers[k % 2][:size]  # its last send (bucket k-2) was waited for before bucket k-1's
         torch.cat(_packed([t.cpu() for t in bucket]), out=packed)
         if sending is not None:
-            sending.wait()
+            wait(sending)
         sending = group.broadcast(packed, root=root)
     if sending is not None:
-        sending.wait()
+        wait(sending)
 
 
 def _as_device(device):
@@ -913,6 +1020,15 @@ def _completed(query, timeout_s, poll_s=0.001):
             return False
         time.sleep(poll_s)
     return True
+
+
+def _enabled(communicator):
+    """vLLM's PyNcclCommunicator, refused if it came back disabled (world size 1, VLLM_DISABLE_PYNCCL, no NCCL
+    library): its broadcasts would silently do nothing while the servers wait."""
+    if communicator.disabled:
+        raise VLLMClientError("vLLM's NCCL communicator came back disabled (VLLM_DISABLE_PYNCCL, or no NCCL "
+                              "library in this process): it cannot send weights.")
+    return communicator
 
 
 def _device_uuid(torch, device):

@@ -53,6 +53,7 @@ if __name__ == "__main__" and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import contextvars  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
@@ -116,6 +117,8 @@ PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 NCCL_ABORT_GRACE_S = 10.0  # after an NCCL group is destroyed, how long its worker's CUDA stream may take to drain
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM's workers import the extension class by this name
 OPEN_PATHS = {"/health", "/ping", "/metrics"}  # answered without the API key: probes and scrapers
+# {(request id, completion index): [{version, start, end}]} of the HTTP request that asked for weight versions
+VERSION_SPANS = contextvars.ContextVar("version_spans", default=None)
 
 class APIError(GracefulHTTPError):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Raised under one of
@@ -141,6 +144,11 @@ class APIError(GracefulHTTPError):
         if isinstance(error, Exception):
             error = create_error_response(error)
         return cls(error.error.message, status=error.error.code, param=error.error.param)
+
+
+def is_int(x):
+    """A JSON integer; Python's bool is an int subclass, JSON's true is not."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,18 +265,21 @@ def make_configs(args):
     engine_args.shutdown_timeout = 0  # ours is the parent's drain (--shutdown-timeout); an engine told to stop stops
     parent = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
     on_cuda = current_platform.is_cuda_alike()  # NVML, not a CUDA context
-    if parent.weight_transfer_config is None:  # vLLM's NCCL engine on CUDA, our gloo engine elsewhere
-        parent.weight_transfer_config = WeightTransferConfig(backend="nccl" if on_cuda else "gloo")
-    # NCCL asked for on CPU (TRL's documented command line) starts; its transfers are refused with a 400
-    engine_transfer = WeightTransferConfig(backend="gloo") \
-        if parent.weight_transfer_config.backend == "nccl" and not on_cuda else parent.weight_transfer_config
+    # NCCL on CUDA, gloo elsewhere. NCCL asked for on CPU (TRL's documented command line) starts, and its
+    # transfers are refused with a 400 naming gloo.
+    backend = (parent.weight_transfer_config.backend if parent.weight_transfer_config
+               else "nccl" if on_cuda else "gloo")
+    if backend not in ("gloo", "nccl"):
+        sys.exit(f"vllm_serve.py: error: --weight-transfer-config backend {backend!r}: this server's weight sync "
+                 "runs over gloo or nccl.")
+    parent.weight_transfer_config = WeightTransferConfig(backend=backend)
     replicas, server = [], f"{socket.gethostname()}:{args.port}"
     for rank in range(parent.parallel_config.data_parallel_size):
         config = copy.deepcopy(parent)
         config.parallel_config.reconfigure_for_independent_dp_rank()  # what stock does per DP engine process
         config.parallel_config.worker_extension_cls = f"{MODULE_NAME}.WeightSyncWorkerExtension"
         config.model_config.seed = replica_seed(parent.model_config.seed, rank, server)
-        config.weight_transfer_config = engine_transfer
+        config.weight_transfer_config = None  # weights arrive through our WeightEngine, not vLLM's engine
         replicas.append(config)
     return parent, replicas
 
@@ -288,44 +299,385 @@ def replica_seed(seed, rank, server):
 
 
 # ------------------------------------------------------------------------------------------------
-# Replica process: one vLLM engine, driven over a pipe
+# Worker side: what runs inside each vLLM worker (the warm-up, and its side of every weight update)
 # ------------------------------------------------------------------------------------------------
 
 
-class WeightSyncWorkerExtension:
-    """Mixed into every vLLM worker (`worker_extension_cls`): receive broadcast weights from the trainer.
+class Aborted(Exception):
+    """A weight-update wait ended because the parent raised the abort counter (a new trainer, an expiry)."""
 
-    The trainer is the last rank of a group of `world_size`; worker ranks are `rank_offset + tp_rank`.
-    Transport: --weight-transfer-config's backend. NCCL (PyNcclCommunicator over a StatelessProcessGroup)
-    receives on the worker's GPU; gloo into host memory, which the load copies to the worker's device (so a
-    CPU trainer, or one sharing the only GPU, can sync into CUDA workers).
-    Loading goes through vLLM's layerwise reload, which re-packs CPU GEMM weights after the load.
-    """
 
-    def init_communicator(self, host, port, world_size, rank_offset, timeout_s):
+def completed(query, timeout_s, stop=lambda: False):
+    """Whether `query()` turned true within `timeout_s`; Aborted once `stop()` is true. Polled with a short,
+    growing interval: a broadcast whose sender died must not block the thread that checks it."""
+    deadline, pause = time.monotonic() + timeout_s, 0.0001
+    while not query():
+        if stop():
+            raise Aborted("the weight update was aborted")
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.005)
+    return True
+
+
+def torch_dtype(name):
+    """"torch.bfloat16" or "bfloat16" → torch.bfloat16."""
+    import torch
+
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def padded(nbytes):
+    """Bytes a tensor of `nbytes` takes in a TRL-protocol bucket (layout WEIGHT_LAYOUT)."""
+    return -(-nbytes // WEIGHT_ALIGN_BYTES) * WEIGHT_ALIGN_BYTES
+
+
+def transfer_plan(metas, layout, bucket_bytes=WEIGHT_BUCKET_BYTES):
+    """How a trainer's tensors ([{name, dtype, shape}], in order) arrive: one (bytes, typed, [(name, dtype, shape,
+    offset, nbytes)]) per broadcast.
+    - "buckets", TRL's batched protocol (the client's vllm_client._buckets): each tensor padded to
+      WEIGHT_ALIGN_BYTES, a new bucket whenever the next tensor would overflow a non-empty one;
+    - "packed", vLLM's `pack_tensors`: back to back, a broadcast closes right after the tensor that takes its
+      total past `bucket_bytes`;
+    - "tensors": one broadcast per tensor, in its own dtype (`typed`), as TRL's per-parameter protocol and
+      vLLM's unpacked one send them."""
+    plan, current, size = [], [], 0
+    for meta in metas:
+        dtype, shape = meta["dtype"], tuple(meta["shape"])
+        nbytes = math.prod(shape) * torch_dtype(dtype).itemsize
+        if layout == "tensors":
+            plan.append((nbytes, True, [(meta["name"], dtype, shape, 0, nbytes)]))
+            continue
+        step = padded(nbytes) if layout == "buckets" else nbytes
+        if layout == "buckets" and current and size + step > bucket_bytes:
+            plan.append((size, False, current))
+            current, size = [], 0
+        current.append((meta["name"], dtype, shape, size, nbytes))
+        size += step
+        if layout == "packed" and size > bucket_bytes:
+            plan.append((size, False, current))
+            current, size = [], 0
+    return plan + [(size, False, current)] if current else plan
+
+
+class Backup:
+    """A model's state before an update, to restore it exactly: per module its attributes (the registered
+    tensors themselves, which CUDA graphs point at, and handles such as the CPU GEMM's `cpu_linear`, which
+    processing replaces rather than writes into) and a host copy of every parameter and persistent buffer
+    (the values a reload copies new weights over). Host memory: about the worker's shard of the model."""
+
+    STATE = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+
+    def __init__(self, model):
+        self.modules, self.values = [], {}
+        for module in model.modules():
+            state = dict(vars(module))
+            state.update({key: copy.copy(state[key]) for key in self.STATE})
+            self.modules.append((module, state))
+            persistent = [b for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+            for tensor in [*module._parameters.values(), *persistent]:
+                if tensor is not None and id(tensor) not in self.values and not tensor.is_meta:
+                    self.values[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
+
+    @property
+    def nbytes(self):
+        return sum(saved.nbytes for _, saved in self.values.values())
+
+    def restore(self):
+        """Every module as it was, its tensors' storage holding the old values again; vLLM's reload state cleared."""
+        from vllm.model_executor.model_loader.reload.layerwise import LOADING_LAYERS, get_layerwise_info
+
+        for module, state in self.modules:
+            get_layerwise_info(module).reset()
+            vars(module).clear()
+            vars(module).update(state)
+        for tensor, saved in self.values.values():
+            tensor.data.copy_(saved)
+        LOADING_LAYERS.clear()
+
+
+def finalize_reload(model, model_config):
+    """vLLM's `finalize_layerwise_reload`, except for a layer that received only part of its tensors: vLLM would
+    build it on uninitialized memory. Here the parts not sent keep their old values where the layer's kernel
+    tensors hold them in checkpoint format (same shape and dtype: CUDA's unquantized layers); otherwise (CPU's
+    repacked GEMM weights) the layer keeps its old weights whole. → names of the layers left unchanged."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.model_loader.reload.layerwise import (_get_original_loader, _layerwise_process,
+                                                                   _place_kernel_tensors, finalize_layerwise_reload,
+                                                                   get_layerwise_info)
+    from vllm.model_executor.model_loader.reload.meta import SKIP_TENSORS, get_numel_loaded, materialize_meta_tensor
+    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors, get_tensor_load_numel
+
+    unchanged = []
+    for name, layer in model.named_modules():
+        info = get_layerwise_info(layer)
+        if not info.can_load() or is_deferred_attention_layer(layer) or not 0 < info.load_numel < info.load_numel_total:
+            continue
+        tensors = {key: t for key, t in get_layer_tensors(layer).items() if key not in SKIP_TENSORS and t.is_meta}
+        loaded = dict.fromkeys(tensors, 0)
+        for key, args in info.loaded_weights:
+            if key in loaded:
+                loaded[key] += get_numel_loaded(_get_original_loader(tensors[key]), args)[0]
+        old = {**info.kernel_tensors[0], **info.kernel_tensors[1]} if info.kernel_tensors else {}
+        missing = [key for key, t in tensors.items() if loaded[key] < get_tensor_load_numel(t)]
+        if all(key in old and (old[key].shape, old[key].dtype) == (tensors[key].shape, tensors[key].dtype)
+               for key in missing):
+            with info.restore_device:
+                for key in missing:
+                    fresh = materialize_meta_tensor(tensors[key])
+                    fresh.copy_(old[key])
+                    setattr(layer, key, fresh)
+            _layerwise_process(layer, info)  # the loads go over the old values, then processing as usual
+        else:
+            _place_kernel_tensors(layer, info)
+            info.reset()
+            unchanged.append(name)
+    finalize_layerwise_reload(model, model_config)
+    return unchanged
+
+
+def retie_lm_head(model, loaded_names):
+    """A tied lm_head gets no tensor of its own, and vLLM's reload puts its CPU-packed GEMM copy of the old
+    embedding back: point it at the new embedding and re-pack it."""
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
+            and any(name.endswith("embed_tokens.weight") for name in loaded_names):
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
+
+
+class WeightEngine:
+    """One vLLM worker's side of weight updates, for both dialects and both transports.
+
+    The group: gloo into host memory (the load copies to the worker's device, so a CPU trainer can sync CUDA
+    workers) or NCCL on the worker's GPU. An update: `begin` saves the model (Backup) and opens vLLM's layerwise
+    reload; `receive` takes broadcasts and loads them (a layer is rebuilt once all its tensors arrived);
+    `load` finalizes the rest; then `commit` drops the backup, or `rollback` restores it, at any point.
+    Every wait ends at the group's deadline, or at once when the parent raises the abort counter past the
+    value it sent with the step."""
+
+    ACTIONS = {"join", "leave", "begin", "receive", "load", "commit", "rollback"}
+
+    def __init__(self, model, vllm_config, device, runner=None):
+        self.model, self.vllm_config, self.device, self.runner = model, vllm_config, device, runner
+        self.group = self.spec = self.backup = self.pending = None
+        self.loaded = set()  # names loaded in the open update
+        self.parked = []  # gloo groups left with a broadcast pending: destroying one blocks until it ends
+        self.counter = None  # the parent's abort counter (shared memory), attached at the first join
+
+    def _configured(self):
+        """vLLM's config as the current one: fp8, MoE and attention-scale processing read it (gpu_worker.py
+        wraps its own weight updates the same way)."""
+        from vllm.config import set_current_vllm_config
+
+        return set_current_vllm_config(self.vllm_config)
+
+    def _aborted(self, epoch):
+        return self.counter is not None and int.from_bytes(self.counter[:8], "little") != epoch
+
+    def join(self, spec, epoch=0):
+        """Join the trainer's group: spec {backend, host, port, world_size, rank (this replica's first), source
+        (the trainer's rank), timeout_s, barrier (TRL's NCCL clients barrier after each broadcast),
+        nccl_unique_id_b64 (vLLM's store-less rendezvous), abort (the counter's name)}. → this worker's rank."""
         import datetime
 
         import torch
-        from vllm.distributed.parallel_state import get_world_group
 
-        self.close_communicator()  # a trainer that died without closing must not block a new one
-        rank = rank_offset + get_world_group().rank
-        nccl = self.vllm_config.weight_transfer_config.backend == "nccl"  # only on CUDA (make_configs)
-        self.weight_device = self.device if nccl else torch.device("cpu")
-        if nccl:  # the parent refused a trainer on one of our GPUs (shared_gpu)
-            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-            from vllm.distributed.utils import StatelessProcessGroup
+        self.leave()
+        self.spec = spec = {**spec, "rank": spec["rank"] + self.vllm_config.parallel_config.rank}
+        if spec.get("abort") and self.counter is None:  # mapped, not attached: the parent alone owns it
+            import mmap
 
-            group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
-                                                store_timeout=int(timeout_s))
-            self.weight_comm = PyNcclCommunicator(group, device=self.device)
+            fd = os.open(f"/dev/shm/{spec['abort'].lstrip('/')}", os.O_RDONLY)
+            self.counter = mmap.mmap(fd, 8, access=mmap.ACCESS_READ)
+            os.close(fd)
+        if spec["backend"] == "nccl":
+            self.group = self._nccl_group(spec, epoch)
         else:
             from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
-            self.weight_comm = stateless_init_torch_distributed_process_group(
-                host, port, rank, world_size, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-        self.weight_client_rank, self.weight_timeout_s = world_size - 1, timeout_s
-        return rank
+            self.group = stateless_init_torch_distributed_process_group(
+                spec["host"], spec["port"], spec["rank"], spec["world_size"], backend="gloo",
+                timeout=datetime.timedelta(seconds=spec["timeout_s"]))
+        self.buffer_device = self.device if spec["backend"] == "nccl" else torch.device("cpu")
+        return spec["rank"]
+
+    def _nccl_group(self, spec, epoch):
+        """NCCL's set-up has no deadline of its own (ncclCommInitRank, a warm-up all-reduce): it runs in a thread,
+        and a worker still inside it past the deadline exits (its server then exits for its supervisor)."""
+        import base64
+        import threading
+
+        import torch
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.utils.nccl import unpinned_nccl_env
+
+        formed = {}
+
+        def form():
+            try:
+                with torch.cuda.device(self.device), unpinned_nccl_env():
+                    if spec.get("nccl_unique_id_b64"):
+                        formed["group"] = PyNcclCommunicator.from_unique_id_bytes(
+                            base64.b64decode(spec["nccl_unique_id_b64"]), spec["rank"], spec["world_size"],
+                            self.device)
+                    else:
+                        store = StatelessProcessGroup.create(host=spec["host"], port=spec["port"], rank=spec["rank"],
+                                                             world_size=spec["world_size"],
+                                                             store_timeout=int(spec["timeout_s"]))
+                        formed["group"] = PyNcclCommunicator(store, device=self.device)
+            except BaseException as exc:
+                formed["error"] = exc
+
+        thread = threading.Thread(target=form, daemon=True, name="nccl-group")
+        thread.start()
+        if not completed(lambda: not thread.is_alive(), spec["timeout_s"], lambda: self._aborted(epoch)):
+            logger.critical("vLLM worker: NCCL group set-up with the trainer did not end within %g s; exiting",
+                            spec["timeout_s"])
+            os._exit(1)
+        if "error" in formed:
+            raise formed["error"]
+        if formed["group"].disabled:
+            raise RuntimeError("vLLM's NCCL communicator came back disabled (world size 1, VLLM_DISABLE_PYNCCL or "
+                               "no NCCL library): it cannot receive weights.")
+        return formed["group"]
+
+    def leave(self):
+        """Close the group: on a new join, on close, and on any failed step (the group is then unusable, and the
+        trainer's next broadcast fails at once instead of waiting for a receiver). NCCL's is aborted, which
+        ends a broadcast still posted; if this worker's CUDA stream is still blocked after that, the worker
+        exits: its engine then dies, and the server with it (status 1, for a supervisor), rather than hang every
+        later request behind a kernel that never ends. A gloo group whose broadcast is still pending (its
+        sender alive but stuck) is parked: its destructor would wait for that broadcast."""
+        group, self.group = self.group, None
+        if group is None:
+            return False
+        if hasattr(group, "destroy"):  # PyNcclCommunicator
+            group.destroy()
+            if not self._stream_drained(NCCL_ABORT_GRACE_S, 0):
+                logger.critical("vLLM worker: an aborted weight broadcast still blocks CUDA stream of %s; exiting",
+                                self.device)
+                os._exit(1)
+        elif self.pending is not None:
+            self.parked = [(g, w) for g, w in self.parked if not w.is_completed()] + [(group, self.pending)]
+        else:
+            with contextlib.suppress(Exception):
+                group.shutdown()
+        self.pending = None
+        # A TCP store lives until its last reference dies; a live one on the same port would be reused by the
+        # next group, whose trainer then hangs on the dead group's stale keys.
+        del group
+        gc.collect()
+        return True
+
+    def _stream_drained(self, timeout_s, epoch):
+        """Whether this worker's CUDA stream finished its queued work within `timeout_s`."""
+        import torch
+
+        event = torch.cuda.Event()
+        event.record()
+        try:
+            return completed(event.query, timeout_s, lambda: self._aborted(epoch))
+        except RuntimeError:  # a CUDA error: the stream is unusable
+            return False
+
+    def _broadcast(self, tensor, epoch):
+        """Receive the trainer's next broadcast into `tensor`, within the deadline."""
+        timeout_s = self.spec["timeout_s"]
+        if hasattr(self.group, "destroy"):  # NCCL: enqueued on the current stream, which we then watch
+            self.group.broadcast(tensor, src=self.spec["source"])
+            if self.spec.get("barrier"):
+                self.group.group.barrier()  # the store's timeout bounds it
+            if not self._stream_drained(timeout_s, epoch):
+                raise TimeoutError(f"the trainer's broadcast did not complete within {timeout_s:g} s")
+            return
+        self.pending = self.group.broadcast(tensor, root=self.spec["source"])
+        if not completed(self.pending.is_completed, timeout_s, lambda: self._aborted(epoch)):
+            raise TimeoutError(f"the trainer's broadcast did not complete within {timeout_s:g} s")
+        work, self.pending = self.pending, None
+        work.wait()  # raises the transport's error, if any
+
+    def begin(self):
+        """Save the model, then open vLLM's layerwise reload (its layers move to the meta device until rebuilt)."""
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        if self.backup is None:
+            self.backup, self.loaded = Backup(self.model), set()
+            with self._configured():
+                initialize_layerwise_reload(self.model)
+        return self.backup.nbytes
+
+    def receive(self, plan, epoch):
+        """Take the broadcasts of `plan` (transfer_plan) and load them. A fresh buffer per broadcast: the reload
+        keeps views of a layer's tensors until the layer is complete, and a layer may span two broadcasts."""
+        import torch
+
+        if self.group is None:
+            raise RuntimeError("No weight-sync group: the trainer must join one first.")
+        self.begin()
+        try:
+            for size, typed, tensors in plan:
+                if typed:
+                    (name, dtype, shape, _, _), = tensors
+                    buffer = torch.empty(shape, dtype=torch_dtype(dtype), device=self.buffer_device)
+                    named = [(name, buffer)]
+                else:
+                    buffer = torch.empty(size, dtype=torch.uint8, device=self.buffer_device)
+                    named = None
+                self._broadcast(buffer, epoch)
+                if named is None:
+                    named = []
+                    for name, dtype, shape, offset, nbytes in tensors:
+                        piece, dtype = buffer[offset:offset + nbytes], torch_dtype(dtype)
+                        if offset % dtype.itemsize:  # vLLM's packed layout has no padding; a view needs alignment
+                            piece = piece.clone()
+                        named.append((name, piece.view(dtype).view(shape)))
+                with self._configured():
+                    self.model.load_weights(named)
+                self.loaded.update(name for name, _ in named)
+        except BaseException:
+            self.leave()
+            raise
+        return len(plan)
+
+    def load(self):
+        """Rebuild what the broadcasts left (attention layers, layers that got only part of their tensors), re-tie
+        a tied head, and drop what the old weights computed, as vLLM's own reload does (LoRA state, encoder and
+        multimodal caches). The backup stays until commit. → names of the layers left unchanged."""
+        if self.backup is None:
+            return []
+        with self._configured():
+            unchanged = finalize_reload(self.model, self.vllm_config.model_config)
+        retie_lm_head(self.model, self.loaded)
+        if self.runner is not None:
+            self.runner.reset_lora_state()
+            self.runner.reset_encoder_cache()
+            self.runner.reset_mm_cache()
+        if unchanged:
+            logger.warning("weight update: these layers got only part of their tensors and keep their old "
+                           "weights whole: %s", ", ".join(unchanged))
+        return unchanged
+
+    def commit(self):
+        opened, self.backup, self.loaded = self.backup is not None, None, set()
+        return opened
+
+    def rollback(self):
+        """The model exactly as before `begin`, wherever the update got to. → whether one was open."""
+        backup, self.backup, self.loaded = self.backup, None, set()
+        if backup is None:
+            return False
+        backup.restore()
+        if self.runner is not None:
+            self.runner.reset_encoder_cache()
+            self.runner.reset_mm_cache()
+        return True
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`), for the replica's `collective_rpc`: the start-up
+    warm-up, the GPU's identity, and `weights`, this worker's WeightEngine."""
 
     def warm_up(self):
         """One forward pass over one token, on CPU, where vLLM runs none before serving (eager mode with an
@@ -344,184 +696,26 @@ class WeightSyncWorkerExtension:
 
         return str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
 
-    def close_communicator(self):
-        """Close the group: on close, on a new /init_communicator, and on any error. NCCL's is aborted, which
-        ends a broadcast still waiting for a trainer that died; if this worker's CUDA stream is still blocked
-        after that, the worker exits: its engine then dies, and the server with it (status 1, for a
-        supervisor), rather than hang every later request behind a kernel that never ends."""
-        comm, self.weight_comm = getattr(self, "weight_comm", None), None
-        if comm is not None and hasattr(comm, "destroy"):  # PyNcclCommunicator
-            comm.destroy()
-            if not self._stream_drained(NCCL_ABORT_GRACE_S):
-                logger.critical("vLLM worker: an aborted weight broadcast still blocks CUDA stream of %s; exiting",
-                                self.device)
-                os._exit(1)
-        elif comm is not None:  # gloo group
-            try:
-                comm.shutdown()
-            except Exception as exc:
-                logger.warning("closing the old weight-sync group: %s", exc)
-        # The TCP store lives until its last reference dies; a live one on the same port would be reused
-        # by the next group, whose trainer then hangs on the dead group's stale keys.
-        del comm
-        gc.collect()
-        return True
-
-    def _broadcast(self, tensor):
-        """Receive the trainer's next broadcast into `tensor`."""
-        if getattr(self, "weight_comm", None) is None:
-            raise RuntimeError("No communicator: call /init_communicator first.")
-        if self.weight_device.type == "cuda":
-            self.weight_comm.broadcast(tensor, src=self.weight_client_rank)
-            self.weight_comm.group.barrier()  # the store's timeout: --weight_sync_timeout
-            if not self._stream_drained(self.weight_timeout_s):
-                raise TimeoutError(f"the trainer's broadcast did not complete within {self.weight_timeout_s:g} s")
-        else:
-            self.weight_comm.broadcast(tensor, root=self.weight_client_rank).wait()
-
-    def _stream_drained(self, timeout_s):
-        """Whether this worker's CUDA stream finished its queued work within `timeout_s` (polled: a broadcast
-        whose sender died must not block the thread that checks it)."""
-        import torch
-
-        event = torch.cuda.Event()
-        event.record()
-        try:
-            return completed(event.query, timeout_s)
-        except RuntimeError:  # a CUDA error: the stream is unusable
-            return False
-
-    def open_reload(self):
-        """Open a reload: layers buffer the weights they receive and are re-processed (CPU: GEMM repacking,
-        GPU: quantization) once all their shards arrived, e.g. q, k and v of a fused qkv_proj."""
-        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
-
-        if not getattr(self, "weight_update_open", False):
-            with self._configured():
-                initialize_layerwise_reload(self.model_runner.get_model())
-            self.weight_update_open, self.weight_update_names = True, set()
-
-    def close_reload(self):
-        """Close the reload; True if one was open. Re-ties a tied lm_head to the new embedding, then drops what
-        the old weights computed, as vLLM's own `reload_weights` does: LoRA state, encoder and multimodal caches
-        (a vision model would reuse image embeddings of the old weights)."""
-        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
-
-        if not getattr(self, "weight_update_open", False):
-            return False
-        model, runner = self.model_runner.get_model(), self.model_runner
-        with self._configured():
-            finalize_layerwise_reload(model, runner.model_config)
-        self.weight_update_open = False
-        retie_lm_head(model, self.weight_update_names)
-        runner.reset_lora_state()
-        runner.reset_encoder_cache()
-        runner.reset_mm_cache()
-        return True
-
-    def _load(self, named_tensors):
-        self.open_reload()
-        with self._configured():
-            self.model_runner.get_model().load_weights(named_tensors)
-        self.weight_update_names.update(name for name, _ in named_tensors)
-
-    def _configured(self):
-        """vLLM's config as the current one: fp8, MoE and attention-scale post-processing read it (gpu_worker.py
-        wraps its own weight updates the same way)."""
-        from vllm.config import set_current_vllm_config
-
-        return set_current_vllm_config(self.vllm_config)
-
-    def update_named_param(self, name, dtype, shape):
-        """Legacy path: one tensor per call; the reload stays open until `close_reload`."""
-        import torch
-
-        weight = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=self.weight_device)
-        with self._closed_on_error():
-            self._broadcast(weight)
-        self._load([(name, weight)])
-        return True
-
-    def update_named_params(self, metas, bucket_bytes):
-        """Batched path: tensors packed into uint8 buckets of about `bucket_bytes`, one broadcast each.
-        A fresh buffer per bucket: the reload keeps views of a layer's shards until the layer is complete,
-        and a layer may span two buckets."""
-        import torch
-
-        with self._closed_on_error():
-            for size, tensors in weight_buckets(metas, bucket_bytes):
-                buffer = torch.empty(size, dtype=torch.uint8, device=self.weight_device)
-                self._broadcast(buffer)
-                named = []
-                for name, dtype, shape, offset, nbytes in tensors:
-                    view = buffer[offset:offset + nbytes].view(getattr(torch, dtype.split(".")[-1])).view(shape)
-                    named.append((name, view))
-                self._load(named)
-        return self.close_reload()
-
-    @contextlib.contextmanager
-    def _closed_on_error(self):
-        """Close the group on any failure (a timed-out broadcast, a load that raised mid-sync): it is unusable,
-        the trainer's next broadcasts then fail at once instead of waiting for a receiver, and a new
-        /init_communicator starts clean."""
-        try:
-            yield
-        except Exception:
-            self.close_communicator()
-            raise
-
-
-def completed(query, timeout_s, poll_s=0.001):
-    """Whether `query()` turned true within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not query():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(poll_s)
-    return True
-
-
-def weight_buckets(metas, bucket_bytes):
-    """[{name, dtype, shape}] → [(bucket size, [(name, dtype, shape, offset, nbytes)])], in order, a new bucket
-    whenever the next tensor would overflow a non-empty one. Layout WEIGHT_LAYOUT: every tensor is padded
-    to WEIGHT_ALIGN_BYTES. The client packs identically (vllm_client._buckets, _packed)."""
-    import torch
-
-    buckets, current, size = [], [], 0
-    for meta in metas:
-        dtype = getattr(torch, meta["dtype"].split(".")[-1])
-        nbytes = math.prod(meta["shape"]) * torch.empty((), dtype=dtype).element_size()
-        if current and size + padded(nbytes) > bucket_bytes:
-            buckets.append((size, current))
-            current, size = [], 0
-        current.append((meta["name"], meta["dtype"], tuple(meta["shape"]), size, nbytes))
-        size += padded(nbytes)
-    if current:
-        buckets.append((size, current))
-    return buckets
-
-
-def padded(nbytes):
-    """Bytes a tensor of `nbytes` takes in a weight bucket."""
-    return -(-nbytes // WEIGHT_ALIGN_BYTES) * WEIGHT_ALIGN_BYTES
+    def weights(self, action, *args):
+        if action not in WeightEngine.ACTIONS:
+            raise ValueError(f"unknown weight-update action {action!r}")
+        if getattr(self, "weight_engine", None) is None:
+            self.weight_engine = WeightEngine(self.model_runner.get_model(), self.vllm_config, self.device,
+                                              self.model_runner)
+        return getattr(self.weight_engine, action)(*args)
 
 
 def gloo_transfer_engine():
-    """Stock vLLM's weight-transfer protocol (`--weight-transfer-config`, the RL routes) over gloo, for replicas
-    on CPU, where vLLM's own engines all need CUDA: the NCCL engine's init and update infos, ranks and packed
-    layout (vLLM's `pack_tensors`: back to back, a chunk closing after the tensor that passes the buffer size),
-    the trainer at rank 0. Registered as "gloo" wherever this module is imported: in vLLM's workers, through
-    `worker_extension_cls`, before they create their engine (stock `vllm serve` too, with
-    `--worker-extension-cls vllm_serve.WeightSyncWorkerExtension`)."""
-    import datetime
+    """vLLM's weight-transfer engine interface (`--weight-transfer-config '{"backend": "gloo"}'`, the RL routes)
+    over WeightEngine, for stock `vllm serve` on CPU, where vLLM's own engines all need CUDA (this server
+    drives WeightEngine itself). The NCCL engine's init and update infos, ranks and packed layout, the trainer
+    at rank 0. Registered as "gloo" wherever this module is imported: in vLLM's workers, through
+    `--worker-extension-cls vllm_serve.WeightSyncWorkerExtension`, before they create their engine."""
     from dataclasses import dataclass
 
-    import torch
-    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
     from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
                                                        WeightTransferUpdateInfo)
     from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
     @dataclass(kw_only=True)
     class InitInfo(WeightTransferInitInfo):
@@ -550,85 +744,45 @@ def gloo_transfer_engine():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.group, self.packed, self.buffer_bytes, self.loaded = None, False, DEFAULT_PACKED_BUFFER_SIZE_BYTES, set()
+            self.weights = WeightEngine(self.model, self.vllm_config, self.device)
+            self.packed, self.buffer_bytes = False, DEFAULT_PACKED_BUFFER_SIZE_BYTES
 
         def init_transfer_engine(self, init_info):
-            config = self.parallel_config  # NCCL's rank rule (nccl_common.worker_init_process_group)
-            rank = init_info.rank_offset + config.data_parallel_index * config.world_size + config.rank
-            self.shutdown()
             self.packed, self.buffer_bytes = init_info.packed, init_info.packed_buffer_size_bytes
-            self.group = stateless_init_torch_distributed_process_group(
-                init_info.master_address, init_info.master_port, rank, init_info.world_size, backend="gloo",
-                timeout=datetime.timedelta(seconds=init_info.timeout_s))
+            first = init_info.rank_offset + self.parallel_config.data_parallel_index * self.parallel_config.world_size
+            self.weights.join({"backend": "gloo", "host": init_info.master_address, "port": init_info.master_port,
+                               "world_size": init_info.world_size, "rank": first, "source": 0,
+                               "timeout_s": init_info.timeout_s})
 
         def start_weight_update(self):
-            initialize_layerwise_reload(self.model)
-            self.loaded = set()
+            self.weights.begin()
 
         def update_weights(self, update_info):  # the base's ends with torch.accelerator.synchronize(): not on CPU
             try:
                 self.receive_weights(self.parse_update_info(update_info))
             except BaseException:
-                # vLLM's worker refuses /finish_weight_update after a failed update: a reload left open keeps the
-                # model on meta tensors and its next step kills the engine. Close it (layers that received nothing
-                # keep their weights) and the group, unusable after a failed collective.
-                self.finish_weight_update()
-                self.shutdown()
+                self.weights.rollback()  # vLLM's worker then refuses /finish_weight_update: the old weights serve
                 raise
 
         def receive_weights(self, update_info):
-            if self.group is None:
-                raise RuntimeError("No weight-transfer group: call /init_weight_transfer_engine first.")
-            dtypes = [getattr(torch, d.removeprefix("torch.")) for d in update_info.dtype_names]
-            metas = [(n, list(s), d, math.prod(s) * d.itemsize)
-                     for n, s, d in zip(update_info.names, update_info.shapes, dtypes)]
             packed = self.packed if update_info.packed is None else update_info.packed
-            for chunk in packed_chunks(metas, self.buffer_bytes) if packed else ([m] for m in metas):
-                buffer = torch.empty(sum(m[3] for m in chunk), dtype=torch.uint8)  # fresh: the reload keeps views
-                self.group.broadcast(buffer, root=0).wait()
-                named, offset = [], 0
-                for name, shape, dtype, nbytes in chunk:
-                    piece = buffer[offset:offset + nbytes]
-                    if offset % dtype.itemsize:  # vLLM's layout has no padding; a view as dtype needs alignment
-                        piece = piece.clone()
-                    named.append((name, piece.view(dtype).view(shape)))
-                    offset += nbytes
-                self.model.load_weights(named)
-                self.loaded.update(name for name, _ in named)
+            metas = [{"name": n, "dtype": d, "shape": s}
+                     for n, d, s in zip(update_info.names, update_info.dtype_names, update_info.shapes)]
+            self.weights.receive(transfer_plan(metas, "packed" if packed else "tensors", self.buffer_bytes), 0)
 
         def finish_weight_update(self):
-            finalize_layerwise_reload(self.model, self.model_config)
-            retie_lm_head(self.model, self.loaded)
+            try:
+                self.weights.load()
+            except BaseException:
+                self.weights.rollback()
+                raise
+            self.weights.commit()
 
         def shutdown(self):
-            if self.group is not None:
-                self.group.shutdown()
-                self.group = None
+            self.weights.rollback()
+            self.weights.leave()
 
     return GlooWeightTransferEngine
-
-
-def packed_chunks(metas, buffer_bytes):
-    """[(name, shape, dtype, nbytes)] cut as vLLM's `pack_tensors` cuts them: a chunk closes right after the
-    tensor that takes its total past `buffer_bytes`."""
-    chunk, total = [], 0
-    for meta in metas:
-        chunk.append(meta)
-        total += meta[3]
-        if total > buffer_bytes:
-            yield chunk
-            chunk, total = [], 0
-    if chunk:
-        yield chunk
-
-
-def retie_lm_head(model, loaded_names):
-    """A tied lm_head gets no tensor of its own, and vLLM's reload puts its CPU-packed GEMM copy of the old
-    embedding back: point it at the new embedding and re-pack it."""
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head") \
-            and any(name.endswith("embed_tokens.weight") for name in loaded_names):
-        model.lm_head.weight = model.model.embed_tokens.weight
-        model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
 
 
 def register_gloo_transfer_engine():
@@ -639,6 +793,11 @@ def register_gloo_transfer_engine():
 
 
 register_gloo_transfer_engine()
+
+
+# ------------------------------------------------------------------------------------------------
+# Replica process: one vLLM engine, driven over a pipe
+# ------------------------------------------------------------------------------------------------
 
 
 class StartupRefused(Exception):
@@ -679,7 +838,6 @@ class Replica:
             self.shutdown()
             raise StartupRefused(warm_up_refusal(config.model_config.dtype, exc)) from None
         self.unfinished = set()  # keys of our requests still in the engine
-        self.weights_pending = False  # a per-parameter sync received tensors not yet finalized
 
     def info(self):
         import torch
@@ -688,6 +846,7 @@ class Replica:
         return {"pid": os.getpid(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "supported_tasks": tuple(self.engine.get_supported_tasks()),
                 "quantization": config.quantization,  # method name (e.g. "fp8", "compressed-tensors") or None
+                "workers": self.engine.vllm_config.parallel_config.world_size,  # tp x pp
                 "gpu_uuids": self.engine.collective_rpc("device_uuid")}
 
     def round(self, requests, aborts, wait_s, rung):
@@ -696,7 +855,6 @@ class Replica:
         while they ran. Returns at the first output, when the
         bell moves past `rung` (its value when the parent built this round), or after `wait_s`; outputs
         already queued by then are collected without waiting."""
-        self.finish_weight_update()
         aborted = [key for key in aborts if key in self.unfinished]
         if aborted:
             self.engine.abort_request(aborted, internal=False)
@@ -771,43 +929,28 @@ class Replica:
             return core.call_utility(method, *args)
         return getattr(core.engine_core, method)(*args)
 
-    def transfer(self, method, kwargs):
-        """One of the workers' weight-transfer methods (vLLM's RL API), on every worker of this replica."""
-        if method not in TRANSFER_METHODS:
-            raise ValueError(f"unknown weight-transfer method {method!r}")
-        return self.engine.collective_rpc(method, kwargs=kwargs)
+    def weights(self, action, *args):
+        """One step of a weight update on every worker of this replica (WeightEngine) → their results. `load`
+        also empties the prefix cache, so that no block the old weights computed is reused (a reset that fails
+        raises: the update then rolls back); `commit` (args: the version) sets the version every later
+        output carries."""
+        if action == "commit":
+            (version,) = args
+            results = self.engine.collective_rpc("weights", args=("commit",))
+            self.engine.set_weight_version(version)
+            return results
+        results = self.engine.collective_rpc("weights", args=(action, *args))
+        if action == "load" and not self.engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError("the prefix cache could not be emptied after loading the new weights")
+        return results
 
-    def weight_version(self, new=None):
+    def version(self, new=None):
         if new is not None:
             self.engine.set_weight_version(new)
         return self.engine.get_weight_version()
 
-    def finish_weight_update(self):
-        """Load what a per-parameter sync sent; runs before anything that reads the weights."""
-        if self.weights_pending:
-            self.weights_pending = False
-            self.engine.collective_rpc("close_reload")
-            self.engine.reset_prefix_cache()
-
     def reset_prefix_cache(self):
-        self.finish_weight_update()
         return self.engine.reset_prefix_cache()
-
-    def init_communicator(self, host, port, world_size, rank_offset, timeout_s):
-        return self.engine.collective_rpc("init_communicator", args=(host, port, world_size, rank_offset, timeout_s))
-
-    def update_named_param(self, name, dtype, shape):
-        self.weights_pending = True
-        return self.engine.collective_rpc("update_named_param", args=(name, dtype, tuple(shape)))
-
-    def update_named_params(self, metas, bucket_bytes):
-        self.finish_weight_update()
-        self.engine.collective_rpc("update_named_params", args=(metas, bucket_bytes))
-        return self.engine.reset_prefix_cache()
-
-    def close_communicator(self):
-        self.finish_weight_update()
-        return self.engine.collective_rpc("close_communicator")
 
     def shutdown(self):
         """Stop vLLM's own processes (EngineCore, its workers) before this one exits."""
@@ -817,11 +960,7 @@ class Replica:
             logger.warning("replica %d: engine shutdown: %s", self.rank, exc)
 
 
-REPLICA_METHODS = {"info", "round", "pause", "resume", "reset_prefix_cache", "init_communicator",
-                   "update_named_param", "update_named_params", "close_communicator", "transfer",
-                   "weight_version"}  # what the parent may call
-TRANSFER_METHODS = {"init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update",
-                    "shutdown_weight_transfer_engine"}  # vLLM's, on its workers (gpu_worker.py)
+REPLICA_METHODS = {"info", "round", "pause", "resume", "reset_prefix_cache", "weights", "version"}  # the parent's
 
 
 def replica_main(config, rank, log_stats, bell, conn):
@@ -928,7 +1067,6 @@ class Replicas:
         self.processes, self.conns, self.infos = [], [], []
         self.engine_processes = []  # the processes under the replicas, as last seen (watch)
         self.vllm_processes = []
-        self.background = set()
         self.bell = multiprocessing.get_context("spawn").Value("Q", 0, lock=False)  # Replica's; we alone write
 
     def __len__(self):
@@ -978,8 +1116,11 @@ class Replicas:
         """{rank: (method, args)} → {rank: result}; drains every rank even when one fails."""
         for rank, message in messages.items():
             self.conns[rank].send(message)
+        return self._replies(messages)
+
+    def _replies(self, ranks):
         results, first_error = {}, None
-        for rank in messages:
+        for rank in ranks:
             try:
                 results[rank] = self._recv(rank)
             except ReplicaError as exc:
@@ -1007,10 +1148,10 @@ class Replicas:
         async with self.lock:
             return await asyncio.to_thread(self._exchange, messages)
 
-    async def fire(self, messages, on_error):
-        """Send now and return; the replies are read in the background while the lock stays held, and a
-        failure goes to `on_error(message)`. For weight sync: a replica blocks in a broadcast that the
-        trainer joins only after this HTTP call returns, and nothing else may reach it until then."""
+    async def fire(self, messages):
+        """Send now; → a task that reads the replies ({rank: result}, or the first error), the lock held until
+        it has. For weight sync: a replica blocks in a broadcast that the trainer joins only after this HTTP
+        call returns, and nothing else may reach it until then."""
         self.ring()
         await self.lock.acquire()
         try:
@@ -1019,18 +1160,13 @@ class Replicas:
             self.lock.release()
             raise
 
-        async def finish():
+        async def replies():
             try:
-                await asyncio.to_thread(lambda: [self._recv(r) for r in messages])
-            except Exception as exc:
-                logger.error("%s failed: %s", next(iter(messages.values()))[0], exc)
-                on_error(str(exc))
+                return await asyncio.to_thread(self._replies, messages)
             finally:
                 self.lock.release()
 
-        task = asyncio.create_task(finish())
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        return asyncio.create_task(replies())
 
     def alive(self):
         """Every replica and every vLLM process under them (an engine whose worker died is dead too)."""
@@ -1123,7 +1259,8 @@ class Batcher:
     queued since the last round and the aborts of requests whose client left, and answers with the
     outputs its engine produced. Replicas keep generating between rounds, so a request that arrives
     mid-generation joins the running batch. When idle, the first request opens a `wait_s` window to
-    gather a burst into one prefill. A weight update holds new requests (`hold`) until it is done.
+    gather a burst into one prefill. New requests pass one gate, which weight sync closes while generation
+    is paused or an update runs, and may freeze the replicas' schedulers meanwhile.
     """
 
     def __init__(self, replicas: Replicas, wait_s: float, round_s: float):
@@ -1132,16 +1269,12 @@ class Batcher:
         self.queued = {}  # rank → [(EngineCoreRequest, prompt text)] not yet sent
         self.aborts = {}  # rank → keys to abort in its engine at the next round
         self.wake = asyncio.Event()  # a request or an abort arrived
-        self.open = asyncio.Event()  # cleared while a weight sync holds new requests back
-        self.open.set()
+        self.gate = asyncio.Event()  # set while new requests are admitted (WeightSync opens and closes it)
+        self.gate.set()
         self.drained = asyncio.Event()  # set while no admitted request runs
         self.drained.set()
-        self.reopen_timer = None
-        self.resumed = asyncio.Event()  # cleared while generation is paused (/pause): new requests wait
-        self.resumed.set()
-        self.resume_timer = None
-        self.engines_paused = False  # the replicas' schedulers are paused too ("keep", "abort")
-        self.waiting = 0  # requests waiting for a resume
+        self.frozen = False  # the replicas' schedulers are paused: admitted requests wait in their engines
+        self.waiting = 0  # requests waiting at the gate
         self.failure = None  # why every request now fails (a dead replica, shutdown)
         self.aborted = 0  # requests the replicas confirmed aborted in vLLM
         self.finished = [0] * len(replicas)  # requests each replica completed, since start
@@ -1183,60 +1316,38 @@ class Batcher:
         self.pending.clear()
         self.queued.clear()
 
-    async def hold(self, timeout_s=None):
-        """Keep new requests queued and wait until the admitted ones finished: a weight update must not land
-        in the middle of a generation. `timeout_s`: reopen by itself if the trainer never releases (TRL's
-        per-parameter sync ends with /reset_prefix_cache)."""
-        self.open.clear()
-        if self.reopen_timer:
-            self.reopen_timer.cancel()
-        self.reopen_timer = asyncio.get_running_loop().call_later(timeout_s, self.release) if timeout_s else None
-        await self.drained.wait()
+    def close(self):
+        """New requests wait at the gate (admitted ones go on unless frozen)."""
+        self.gate.clear()
 
-    def release(self):
-        if self.reopen_timer:
-            self.reopen_timer.cancel()
-            self.reopen_timer = None
-        self.open.set()
+    def open(self):
+        self.gate.set()
         self.nudge()
 
-    def pause(self, timeout_s, engines):
-        """Stop admitting requests until `resume`, or until `timeout_s` after the last pause (a trainer that
-        died mid-update must not leave the server paused). `engines`: the replicas' schedulers are paused."""
-        self.resumed.clear()
-        self.engines_paused = self.engines_paused or engines
-        if self.resume_timer:
-            self.resume_timer.cancel()
-        self.resume_timer = asyncio.get_running_loop().call_later(timeout_s, self.resume)
-
-    def resume(self):
-        if self.resume_timer:
-            self.resume_timer.cancel()
-            self.resume_timer = None
-        if self.engines_paused:  # their frozen requests go on; a call like any other, under the lock
-            self.engines_paused = False
-            task = asyncio.ensure_future(self.replicas.call("resume"))
-            self.replicas.background.add(task)
-            task.add_done_callback(self.replicas.background.discard)
-        self.resumed.set()
-        self.nudge()
-
-    async def pause_engines(self, mode, clear_cache):
-        """The replicas' schedulers pause ("keep" or "abort"); outputs their engines produced meanwhile (the
-        final ones of aborted requests, say) still reach their requests."""
+    async def freeze(self, mode="keep", clear_cache=True):
+        """The replicas' schedulers pause: "keep" freezes the admitted requests in their engines (with
+        `clear_cache`, vLLM 0.32 preempts them: they are recomputed when thawed), "abort" ends them. Outputs
+        the engines produced meanwhile (the final ones of aborted requests, say) still reach their requests."""
+        self.frozen = True
         for rank, outputs in enumerate(await self.replicas.call("pause", mode, clear_cache)):
             self.deliver(rank, outputs)
 
+    async def thaw(self):
+        if self.frozen:
+            self.frozen = False
+            await self.replicas.call("resume")
+        self.nudge()
+
     async def admission(self, timeout_s):
-        """Returns once generation is not paused; a 503 after waiting `timeout_s` paused."""
-        if self.resumed.is_set():
+        """Returns once the gate is open; a 503 after waiting `timeout_s` at it."""
+        if self.gate.is_set():
             return
         self.waiting += 1
         try:
-            await asyncio.wait_for(self.resumed.wait(), timeout_s)
+            await asyncio.wait_for(self.gate.wait(), timeout_s)
         except asyncio.TimeoutError:
-            raise RetryableRequestError(f"Generation is paused for a weight update (/pause) and was not "
-                                        f"resumed within {timeout_s:g} s; send the request again.") from None
+            raise RetryableRequestError(f"Generation is paused for a weight update and was not resumed within "
+                                        f"{timeout_s:g} s; send the request again.") from None
         finally:
             self.waiting -= 1
 
@@ -1269,23 +1380,19 @@ class Batcher:
                         pending.collector.put(RetryableRequestError(str(exc)))
                         del self.pending[key]
 
-    @property
-    def admitting(self):
-        return self.open.is_set() and self.resumed.is_set()
-
     async def next_round(self):
         """Wait until a round has something to do; when idle, gather a burst for `wait_s`."""
         while not (self.aborts or any(p.sent for p in self.pending.values())
-                   or (self.admitting and any(self.queued.values()))):
+                   or (self.gate.is_set() and any(self.queued.values()))):
             self.drained.set()
             self.wake.clear()
             await self.wake.wait()
-            if self.wait_s and self.admitting:
+            if self.wait_s and self.gate.is_set():
                 await asyncio.sleep(self.wait_s)
 
     async def round(self):
         """Send each replica its new requests and aborts, collect what its engine produced."""
-        admit = self.admitting
+        admit = self.gate.is_set()
         messages = {}
         for rank in range(len(self.replicas)):
             requests = self.queued.pop(rank, []) if admit else []
@@ -1321,6 +1428,30 @@ class Batcher:
         return sum(p.sent for p in self.pending.values())
 
 
+def stock_metas(info, known):
+    """One `update_info` of stock's dialect → [{name, dtype, shape}], or a 400 saying what is wrong. Each name
+    must be in the checkpoint (`known`, when known) with as many elements: the broadcasts' sizes follow from
+    them, and a wrong one would leave the trainer and the workers waiting on different sizes."""
+    names, dtypes, shapes = (info.get(key) if isinstance(info, dict) else None
+                             for key in ("names", "dtype_names", "shapes"))
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
+            and len(names) == len(dtypes) == len(shapes)):
+        raise APIError("`update_info` needs lists `names`, `dtype_names` and `shapes` of one length.",
+                       param="update_info")
+    metas = []
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        if not isinstance(name, str) or not isinstance(dtype, str) or dtype.removeprefix("torch.") not in TORCH_DTYPES:
+            raise APIError(f"Each name must be a string and each dtype one of {sorted(TORCH_DTYPES)}: got "
+                           f"{json.dumps(name)}, {json.dumps(dtype)}.", param="update_info")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise APIError(f"The shape of {name!r} must be a list of non-negative integers.", param="update_info")
+        if known is not None and (name not in known or math.prod(shape) != math.prod(known[name])):
+            raise APIError(f"{name!r} with shape {shape} is not a tensor of the served checkpoint"
+                           + (f" (it has {known[name]})." if name in known else "."), param="update_info")
+        metas.append({"name": name, "dtype": dtype, "shape": shape})
+    return metas
+
+
 def shared_gpu(client_uuid, worker_uuids):
     """The trainer's GPU if one of the workers uses it too (NCCL cannot broadcast within one device), else None.
     UUIDs as torch names them (`get_device_properties(d).uuid`); CPU workers have None."""
@@ -1328,22 +1459,56 @@ def shared_gpu(client_uuid, worker_uuids):
 
 
 class WeightSync:
-    """The one owner of weight-sync state, for both dialects: TRL's (the trainer is the last rank of a group
-    our extension forms, /init_communicator) and stock vLLM's (the trainer is rank 0 of a group vLLM's
-    weight-transfer engine forms, /init_weight_transfer_engine). One group is open at a time; which tensors
-    the checkpoint has; and whether syncing is allowed at all (not into a quantized model)."""
+    """The one owner of weight-sync state, for both dialects, which are thin adapters onto it: TRL's (the trainer
+    is the last rank of the group, /init_communicator) and stock vLLM's (the trainer is rank 0,
+    /init_weight_transfer_engine). It holds the trainer's group, the update in progress, the weight version,
+    and the admission gate, closed while /pause holds generation or an update runs.
+
+    An update is a transaction: idle → open (its first step: new requests wait at the gate, running ones
+    freeze, to be recomputed on the weights that come out) → receiving (each replica saves its weights, then
+    loads what arrives) → loading (every replica rebuilds the rest and empties its prefix cache) → committed
+    (backups dropped and the version advanced, on every replica at once) → idle. Any failure on any replica
+    rolls every replica back to what it saved, and the previous version keeps serving. Either way the gate
+    reopens. Steps run one at a time (`steps`). The deadline, --weight-sync-timeout after the trainer's
+    last step, rolls back an update nobody finishes and ends a /pause nobody ends."""
 
     def __init__(self, args, replicas: Replicas, batcher: Batcher, backend, on_cuda):
+        from multiprocessing import shared_memory
+
         self.args, self.replicas, self.batcher = args, replicas, batcher
         self.backend, self.on_cuda = backend, on_cuda  # --weight-transfer-config's backend; the replicas' device
-        self.dialect = None  # "legacy" or "stock" while a group is open
-        self.in_flight = False  # a stock-dialect update is running
-        self.error = None  # why the last background step failed, if it did
+        self.steps = asyncio.Lock()
+        self.group = None  # the trainer's group: {"dialect": "legacy" | "stock", "packed", "buffer_bytes"}
+        self.broken = None  # why the group's last step failed: its next step gets a 409 saying so
+        self.state = "idle"  # of the update: idle, open, receiving, loading
+        self.per_parameter = False  # the open update came from /update_named_param (no end marker)
+        self.arrived = set()  # names the open update received
+        self.named = None  # the version the trainer named for the open update
+        self.version, self.commits, self.rollbacks = "default", 0, 0  # "default": vLLM's, for weights never updated
+        self.paused = None  # /pause's mode while it holds generation
+        self.last = None  # the last update's outcome
+        self.timer = None
+        self.tasks = set()  # background steps (a receive the trainer feeds after its HTTP call returned)
+        self.counter = shared_memory.SharedMemory(create=True, size=8)  # raised to end the workers' waits now
+        self.epoch = 0
+
+    def close(self):
+        self.counter.close()
+        self.counter.unlink()
+
+    @property
+    def workers(self):
+        """Workers per replica (tensor x pipeline parallel): each takes one rank of the trainer's group."""
+        return self.replicas.infos[0]["workers"]
 
     @property
     def world_size(self):
-        """Replica ranks: tensor-parallel size x data-parallel size."""
-        return self.args.tensor_parallel_size * len(self.replicas)
+        return self.workers * len(self.replicas)
+
+    def report(self):
+        """What /health says about the weights."""
+        return {"state": self.state, "version": self.version, "group": (self.group or {}).get("dialect"),
+                "commits": self.commits, "rollbacks": self.rollbacks, "last": self.last}
 
     @functools.cached_property
     def checkpoint_shapes(self):
@@ -1367,6 +1532,17 @@ class WeightSync:
             shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
         return shapes or None
 
+    @functools.cached_property
+    def checkpoint_names(self):
+        """The tensors a whole per-parameter update sends (a tied head is not among them); None if unknown."""
+        shapes = self.checkpoint_shapes
+        if shapes is None:
+            return None
+        tied = shapes["lm_head.weight"] is shapes.get("model.embed_tokens.weight")
+        return set(shapes) - ({"lm_head.weight"} if tied else set())
+
+    # --- checks: 4xx before anything reaches a replica ------------------------------------------------
+
     def check_allowed(self):
         """409 for every weight-sync call into a quantized model: the trainer sends unquantized tensors, and
         loading them would leave the layers' scales as they were."""
@@ -1382,130 +1558,322 @@ class WeightSync:
             raise APIError("The replicas run on CPU, where NCCL cannot transfer weights: start the server with "
                            "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
 
-    def check_init(self):
-        """The checks before a group forms, in either dialect: the transport, no quantized model, and no
-        transfer in flight (a group without one, say of a trainer that died, is replaced)."""
+    def check_group(self, dialect):
+        """409 unless the trainer's group of `dialect` is open and its last step did not fail."""
+        join = "/init_communicator" if dialect == "legacy" else "/init_weight_transfer_engine"
+        if self.broken:
+            raise APIError(f"The previous weight-sync step failed, and the update was rolled back: {self.broken}. "
+                           f"Call {join} again.", status=409)
+        if (self.group or {}).get("dialect") != dialect:
+            raise APIError(f"No weight-sync group: call {join} first.", status=409)
+
+    def spec(self, replica, **fields):
+        """A replica's part of the group (WeightEngine.join): `rank` is the group's first rank of this server's
+        workers; the replica's first comes `replica` replicas later."""
+        return {"backend": self.backend, "timeout_s": self.args.weight_sync_timeout, "abort": self.counter.name,
+                **fields, "rank": fields["rank"] + replica * self.workers}
+
+    # --- the deadline, and ending waits at once ---------------------------------------------------------
+
+    def arm(self):
+        """The trainer just acted: the deadline moves to --weight-sync-timeout from now."""
+        if self.timer:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.args.weight_sync_timeout,
+                                                           lambda: self.background(self.expire()))
+
+    def background(self, coroutine):
+        """Run a step on after the HTTP call that began it answered; its 409 reaches the trainer's next step."""
+        def done(task):
+            self.tasks.discard(task)
+            if not task.cancelled() and task.exception() and not isinstance(task.exception(), APIError):
+                logger.error("weight sync: %r", task.exception())
+
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(done)
+
+    def abort_waits(self):
+        """Every worker's broadcast wait of a step already sent ends now (it raises Aborted)."""
+        self.epoch += 1
+        self.counter.buf[:8] = self.epoch.to_bytes(8, "little")
+
+    async def expire(self):
+        if self.steps.locked():  # a receive in progress: its own broadcasts have this deadline
+            return self.arm()
+        async with self.steps:
+            if self.state != "idle":
+                await self._rollback(f"no step came from the trainer for {self.args.weight_sync_timeout:g} s "
+                                     "(--weight-sync-timeout)")
+            if self.paused:
+                logger.warning("generation was paused (/pause) for %g s without a /resume: resuming",
+                               self.args.weight_sync_timeout)
+                self.paused = None
+                await self._reopen()
+
+    # --- the gate -----------------------------------------------------------------------------------
+
+    async def _hold(self, freeze):
+        self.batcher.close()
+        if freeze and not self.batcher.frozen:
+            await self.batcher.freeze("keep", True)
+
+    async def _reopen(self):
+        """The gate opens once neither a pause nor an update holds it; frozen requests go on."""
+        if self.paused or self.state != "idle":
+            return
+        await self.batcher.thaw()
+        self.batcher.open()
+
+    async def pause(self, mode, clear_cache):
+        """Stock's /pause: new requests wait. Running ones: "wait" lets them finish, "keep" freezes them in the
+        engine until /resume, "abort" ends them."""
+        if mode not in ("abort", "wait", "keep"):
+            raise ValueError(f"Invalid pause mode: {mode!r}; one of abort, wait, keep.")
+        self.arm()
+        self.paused = mode
+        self.batcher.close()
+        if mode == "wait":  # in the parent: a replica that waited inside its engine would stop answering
+            await self.batcher.drained.wait()
+            if clear_cache:
+                await self.replicas.call("reset_prefix_cache")
+            return
+        await self.batcher.freeze(mode, clear_cache)
+        if mode == "abort":
+            self.batcher.end_running("abort")
+
+    async def resume(self):
+        self.paused = None
+        await self._reopen()
+
+    # --- the group ----------------------------------------------------------------------------------
+
+    async def join(self, dialect, specs, **group):
+        """A trainer's group: an open update rolls back at once (its waits end now: the trainer that fed it is
+        being replaced), the old group closes, the new one forms. Legacy: in the background, since the trainer
+        joins after this call returns; stock: the trainer joins meanwhile, and this returns once it did."""
         self.check_allowed()
         self.check_transport()
-        if self.in_flight:
-            raise APIError("A weight transfer is in flight; the weight-sync group cannot be replaced now.",
-                           status=409)
+        self.arm()
+        self.abort_waits()
+        await self.steps.acquire()
+        try:
+            if self.state != "idle":
+                await self._rollback("a new trainer group replaced the one feeding the update")
+            await self.replicas.call("weights", "leave")
+            self.group, self.broken = {"dialect": dialect, **group}, None
+            messages = {rank: ("weights", ("join", spec, self.epoch)) for rank, spec in enumerate(specs)}
+            if dialect == "legacy":
+                self.background(self._settle(await self.replicas.fire(messages), "joining the trainer's group"))
+                return
+            await self._settle(self.replicas.call_each(messages), "joining the trainer's group", release=False)
+        except BaseException:
+            self.steps.release()
+            raise
+        self.steps.release()
 
-    def check_ready(self):
-        """409 unless a group is open and its last step did not fail (a next step would load a partial model)."""
-        if self.dialect != "legacy":
-            raise APIError("No weight-sync group: call /init_communicator first.", status=409)
-        if self.error:
-            error, self.error = self.error, None
-            raise APIError(f"The previous weight-sync step failed: {error}. Call /init_communicator again.",
-                           status=409)
+    async def leave(self, commit=False):
+        """The trainer closes its group. An open per-parameter update commits with `commit` (TRL's per-parameter
+        protocol has no end marker); any other open update rolls back."""
+        if not commit:
+            self.abort_waits()
+        async with self.steps:
+            if self.state != "idle":
+                if commit and self.per_parameter:
+                    await self._finish(None)
+                else:
+                    await self._rollback("the trainer closed its group before finishing the update")
+            self.group, self.broken = None, None
+            await self.replicas.call("weights", "leave")
 
-    def failed(self, message):
-        self.error = message
-        self.batcher.resume()  # a failed group does not leave generation paused
+    # --- the update ---------------------------------------------------------------------------------
 
-    async def replace(self):
-        """Close the open group, whichever its dialect (a trainer that died without closing, TRL #3408): its
-        TCP store still listens on the port, and a trainer joining it would lose the connection."""
-        if self.dialect == "stock":
-            await self.replicas.call("transfer", "shutdown_weight_transfer_engine", {})
-        await self.replicas.call("close_communicator")
-        self.dialect, self.error = None, None
+    async def start(self, freeze=True):
+        """/start_weight_update, and the first step of an update in either dialect."""
+        self.arm()
+        async with self.steps:
+            await self._start(freeze)
 
-    async def open(self, host, port, client_device_uuid, offset, world_size):
-        """Join the trainer's group of `world_size` (the trainer is its last rank) as ranks `offset` up: a
-        client syncing several servers gives each its own range."""
-        self.check_init()
+    async def _start(self, freeze=True):
+        if self.state == "idle":
+            self.state, self.per_parameter, self.arrived, self.named = "open", False, set(), None
+            await self._hold(freeze)
+
+    async def receive(self, dialect, plans, names, *, per_parameter=False, drain=False, finish=False,
+                      version=None):
+        """Tensors the trainer broadcasts next: `plans` {rank: transfer_plan}. TRL's routes answer at once (its
+        trainer broadcasts after that) and the replicas' replies are read in the background: a batched update
+        commits once received (`finish`), a `per_parameter` one once every parameter of the checkpoint arrived
+        (or at /reset_prefix_cache, /close_communicator). Stock's /update_weights, and a TRL batched update
+        that does not `finish` (a client committing several servers together), answer once the tensors are
+        loaded. `drain`: running requests finish first instead of freezing."""
+        self.arm()
+        await self.steps.acquire()
+        try:
+            self.check_group(dialect)
+            if drain and self.state == "idle":
+                await self._start(freeze=False)
+                await self.batcher.drained.wait()
+            await self._start()
+            self.state, self.per_parameter = "receiving", self.per_parameter or per_parameter
+            self.named = version if version is not None else self.named
+            messages = {rank: ("weights", ("receive", plan, self.epoch)) for rank, plan in plans.items()}
+            if dialect == "legacy" and (finish or per_parameter):
+                self.background(self._received(await self.replicas.fire(messages), names, finish))
+                return
+            await self._settle(self.replicas.call_each(messages), "receiving weights", release=False)
+            self.arrived |= names
+        except BaseException:
+            self.steps.release()
+            raise
+        self.steps.release()
+
+    async def _settle(self, replies, what, release=True):
+        """Await a step's replies (a coroutine or task); a failure closes the group, rolls back the open update,
+        and answers 409 saying what to do. `release`: the steps lock was handed to this background task."""
+        try:
+            try:
+                return await replies
+            except ReplicaError as exc:
+                if not self.replicas.alive():
+                    raise
+                self.broken = f"{what} failed: {exc}"
+                logger.error("weight sync: %s", self.broken)
+                await self.replicas.call("weights", "leave")
+                if self.state != "idle":
+                    await self._rollback(self.broken)
+                join = "/init_communicator" if self.group["dialect"] == "legacy" else "/init_weight_transfer_engine"
+                raise APIError(f"{self.broken}. The update was rolled back (the previous weights serve) and the "
+                               f"group is closed; call {join} again.", status=409) from None
+        finally:
+            if release:
+                self.steps.release()
+
+    async def _received(self, replies, names, finish):
+        try:
+            await self._settle(replies, "receiving weights", release=False)
+            self.arrived |= names
+            if finish or (self.per_parameter and self.checkpoint_names and self.checkpoint_names <= self.arrived):
+                await self._finish(None)
+        finally:
+            self.steps.release()
+
+    async def abort(self):
+        """/abort_weight_update: the open update rolls back now (its waits end at once)."""
+        self.abort_waits()
+        async with self.steps:
+            if self.state != "idle":
+                await self._rollback("the trainer aborted the update")
+        return self.report()
+
+    async def finish(self, version=None):
+        """/finish_weight_update, and /reset_prefix_cache after TRL's per-parameter updates: commit the open update
+        (a trainer-named `version`, else the next number). With none open, only a named version is set, as
+        stock does. → the outcome."""
+        self.arm()
+        async with self.steps:
+            return await self._finish(version)
+
+    async def _finish(self, version):
+        if self.state in ("idle", "open"):  # an update that received nothing leaves the weights as they were
+            if self.state == "open":
+                self.state = "idle"
+                await self._reopen()
+            if version is not None:
+                await self._set_version(version)
+            return {"outcome": "nothing to commit", "version": self.version}
+        self.state = "loading"
+        try:
+            loaded = await self.replicas.call("weights", "load")
+        except ReplicaError as exc:
+            if not self.replicas.alive():
+                raise
+            await self._rollback(f"loading the new weights failed: {exc}")
+            raise APIError(f"Loading the new weights failed, and the update was rolled back (the previous weights "
+                           f"serve): {exc}", status=409) from None
+        version = version or self.named or self.next_version()
+        await self.replicas.call("weights", "commit", version)
+        unchanged = sorted({name for replica in loaded for worker in replica for name in worker})
+        self.version, self.commits, self.state = version, self.commits + 1, "idle"
+        self.last = {"outcome": "committed", "version": version, "unchanged_layers": unchanged}
+        logger.info("weight update committed: version %s%s", version,
+                    f"; layers left unchanged (only part of their tensors came): {unchanged}" if unchanged else "")
+        await self._reopen()
+        return self.last
+
+    def next_version(self):
+        return str(int(self.version) + 1 if self.version.isdigit() else self.commits + 1)
+
+    async def _rollback(self, reason):
+        await self.replicas.call("weights", "rollback")
+        self.state, self.arrived, self.rollbacks = "idle", set(), self.rollbacks + 1
+        self.last = {"outcome": "rolled back", "version": self.version, "reason": reason}
+        logger.warning("weight update rolled back, version %s serves: %s", self.version, reason)
+        await self._reopen()
+
+    async def set_version(self, version):
+        """Stock's /update_weight_version."""
+        async with self.steps:
+            await self._set_version(version)
+
+    async def _set_version(self, version):
+        await self.replicas.call("version", version)
+        self.version = version
+
+    # --- the dialects: each route's payload → the steps above ------------------------------------------
+
+    async def join_legacy(self, host, port, client_device_uuid, offset, world_size):
+        """TRL's /init_communicator: the trainer is the last rank of `world_size`, this server's workers take the
+        ranks from `offset` up (a client syncing several servers gives each its own range)."""
         gpu = shared_gpu(client_device_uuid, [u for info in self.replicas.infos for u in info["gpu_uuids"]])
         if gpu and self.backend == "nccl":  # gloo goes through host memory: any device will do
             raise APIError(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL cannot "
                            "broadcast within one device. Put the trainer on another GPU (CUDA_VISIBLE_DEVICES).",
                            param="client_device_uuid")
-        await self.replace()
-        self.dialect, tp = "legacy", self.args.tensor_parallel_size
-        await self.replicas.fire({rank: ("init_communicator", (host, port, world_size, offset + rank * tp,
-                                                               self.args.weight_sync_timeout))
-                                  for rank in range(len(self.replicas))}, self.failed)
+        await self.join("legacy", [self.spec(rank, rank=offset, host=host, port=port, world_size=world_size,
+                                             source=world_size - 1, barrier=self.backend == "nccl")
+                                   for rank in range(len(self.replicas))])
 
-    async def update_one(self, meta):
-        await self.batcher.hold(self.args.weight_sync_timeout)  # released by /reset_prefix_cache
-        await self.fire_all("update_named_param", meta["name"], meta["dtype"], meta["shape"])
+    async def join_stock(self, init_info):
+        """Stock's /init_weight_transfer_engine: the trainer is rank 0 and hosts the group; replica i's workers
+        take the ranks after replica i-1's (each replica's engine counts from data-parallel index 0)."""
+        from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES
 
-    async def update_many(self, metas, bucket_bytes, keep):
-        """`keep`: running requests freeze in their engines during the update and go on after it (vLLM 0.32
-        preempts them: recomputed on the new weights); else the update waits until they finished."""
-        if keep:
-            self.batcher.pause(self.args.weight_sync_timeout, engines=True)
-            await self.batcher.pause_engines("keep", True)
-        else:
-            await self.batcher.hold()
-        try:  # requests queued meanwhile run after the update: the lock keeps them out until it is done
-            await self.fire_all("update_named_params", metas, bucket_bytes)
-        finally:
-            self.batcher.resume() if keep else self.batcher.release()
+        info = init_info if isinstance(init_info, dict) else {}
+        offset, world_size = info.get("rank_offset", 1), info.get("world_size")
+        host, port, uid = info.get("master_address"), info.get("master_port"), info.get("nccl_unique_id_b64")
+        buffer_bytes = info.get("packed_buffer_size_bytes", DEFAULT_PACKED_BUFFER_SIZE_BYTES)
+        if not (is_int(offset) and is_int(world_size) and offset >= 1 and offset + self.world_size <= world_size):
+            raise APIError(f"`init_info` needs integers `rank_offset` >= 1 and `world_size` >= rank_offset + "
+                           f"{self.world_size} (this server's workers), the trainer at rank 0.", param="init_info")
+        if not (isinstance(uid, str) or (isinstance(host, str) and is_int(port))) or not is_int(buffer_bytes):
+            raise APIError("`init_info` needs `master_address` and an integer `master_port` (or "
+                           "`nccl_unique_id_b64`), and an integer `packed_buffer_size_bytes`.", param="init_info")
+        await self.join("stock", [self.spec(rank, rank=offset, host=host, port=port, world_size=world_size, source=0,
+                                            nccl_unique_id_b64=uid) for rank in range(len(self.replicas))],
+                        packed=bool(info.get("packed", False)), buffer_bytes=buffer_bytes)
 
-    async def fire_all(self, method, *args):
-        await self.replicas.fire({rank: (method, args) for rank in range(len(self.replicas))}, self.failed)
-
-    async def close(self):
-        """TRL's /close_communicator: closes a legacy group (a stale trainer's call leaves a stock group alone)."""
-        self.batcher.release()
-        if self.dialect == "legacy":
-            self.dialect = None
-            await self.fire_all("close_communicator")
-
-    async def transfer_init(self, init_info):
-        """Stock's dialect: every replica's workers join the trainer's group; replica i's take the ranks after
-        replica i-1's (each replica's engine counts from data-parallel index 0)."""
-        if not isinstance(init_info, dict) or not is_int(init_info.get("rank_offset", 1)):
-            raise APIError("`init_info` must be an object with an integer `rank_offset`.", param="init_info")
-        self.check_init()
-        await self.replace()
-        offset, tp = init_info.get("rank_offset", 1), self.args.tensor_parallel_size
-        await self.guarded(self.replicas.call_each({
-            rank: ("transfer", ("init_weight_transfer_engine", {"init_info": {**init_info, "rank_offset": offset + rank * tp}}))
-            for rank in range(len(self.replicas))}))
-        self.dialect = "stock"
-
-    async def transfer(self, method, kwargs):
-        if self.dialect != "stock":
-            raise APIError("No weight-transfer group: call /init_weight_transfer_engine first.", status=409)
-        await self.guarded(self.replicas.call("transfer", method, kwargs))
-
-    async def transfer_update(self, update_info):
-        """One update reaches every replica at once. A list of per-worker infos is indexed by `data_parallel_index
-        * world_size + rank` in vLLM: replica i gets its own slice."""
-        tp, count = self.args.tensor_parallel_size, len(self.replicas)
-        if isinstance(update_info, list) and len(update_info) != tp * count:
-            raise APIError(f"`update_info` lists {len(update_info)} entries; this server has {tp * count} workers "
-                           f"({count} replicas x {tp}).", param="update_info")
-        if self.dialect != "stock":
-            raise APIError("No weight-transfer group: call /init_weight_transfer_engine first.", status=409)
-        self.in_flight = True
-        try:
-            await self.guarded(self.replicas.call_each({rank: ("transfer", ("update_weights", {"update_info": (
-                update_info[rank * tp:(rank + 1) * tp] if isinstance(update_info, list) else update_info)}))
-                for rank in range(count)}))
-        finally:
-            self.in_flight = False
-
-    async def transfer_close(self):
-        if self.dialect == "stock":
-            await self.replicas.call("transfer", "shutdown_weight_transfer_engine", {})
-        self.dialect = None
-        self.batcher.resume()
-
-    async def guarded(self, work):
-        """A failed transfer step closes the group and resumes generation: the trainer starts over."""
-        try:
-            return await work
-        except ReplicaError as exc:
-            self.in_flight = False
-            with contextlib.suppress(ReplicaError):
-                await self.replicas.call("transfer", "shutdown_weight_transfer_engine", {})
-            self.dialect = None
-            self.batcher.resume()
-            raise APIError(f"Weight transfer failed, the group is closed: {exc}", status=500) from None
+    async def receive_stock(self, update_info):
+        """Stock's /update_weights: {names, dtype_names, shapes[, packed]}, or a list of them indexed by worker
+        (vLLM's `data_parallel_index * world_size + rank`): replica i takes its workers' entry. Names and sizes
+        are checked against the checkpoint before anything is broadcast; shapes are the load's to check."""
+        self.check_allowed()
+        self.check_group("stock")
+        infos = update_info if isinstance(update_info, list) else [update_info] * self.world_size
+        if len(infos) != self.world_size:
+            raise APIError(f"`update_info` lists {len(infos)} entries; this server has {self.world_size} workers "
+                           f"({len(self.replicas)} replicas x {self.workers}).", param="update_info")
+        chosen = [infos[rank * self.workers] for rank in range(len(self.replicas))]
+        if any(infos[rank * self.workers:(rank + 1) * self.workers] != [info] * self.workers
+               for rank, info in enumerate(chosen)):
+            raise APIError("The workers of one replica must get the same `update_info`.", param="update_info")
+        plans, names = {}, set()
+        for rank, info in enumerate(chosen):
+            metas = stock_metas(info, self.checkpoint_shapes)
+            packed = self.group["packed"] if info.get("packed") is None else info["packed"]
+            plans[rank] = transfer_plan(metas, "packed" if packed else "tensors", self.group["buffer_bytes"])
+            names |= {meta["name"] for meta in metas}
+        await self.receive("stock", plans, names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1518,7 +1886,7 @@ class ReplicaEngineClient(EngineClient):
     here (tokenizer-only renderer, no model), `generate` builds the engine request and hands it to the
     batcher, and yields the outputs that come back, as AsyncLLM does."""
 
-    def __init__(self, vllm_config, batcher: Batcher, weight_sync, supported_tasks, pause_timeout_s):
+    def __init__(self, vllm_config, batcher: Batcher, weight_sync: WeightSync, supported_tasks, pause_timeout_s):
         from vllm.renderers import renderer_from_config
         from vllm.v1.engine.input_processor import InputProcessor
 
@@ -1526,7 +1894,7 @@ class ReplicaEngineClient(EngineClient):
         self.renderer = renderer_from_config(vllm_config)
         self.input_processor = InputProcessor(vllm_config, self.renderer)
         self.batcher, self.weight_sync, self.supported_tasks = batcher, weight_sync, tuple(supported_tasks)
-        self.pause_timeout_s = pause_timeout_s  # paused longer than this: resumed, and waiting requests get 503
+        self.pause_timeout_s = pause_timeout_s  # a request waits this long at a closed gate, then gets a 503
         self.keys = itertools.count()
         self.by_request_id = {}  # the serving layer's request id → our keys (its ids may repeat)
 
@@ -1587,12 +1955,15 @@ class ReplicaEngineClient(EngineClient):
         collector = RequestOutputCollector(sampling_params.output_kind, key)
         self.by_request_id.setdefault(request_id, set()).add(key)
         self.batcher.submit(key, request, prompt_text, data_parallel_rank, collector)
-        finished = False
+        finished, spans = False, VERSION_SPANS.get()
         try:
             while not finished:
                 output = collector.get_nowait() or await collector.get()
                 finished = output.finished
                 output.request_id = request_id  # what AsyncLLM yields: the caller's id
+                if spans is not None:  # the HTTP request asked for them (WeightVersions)
+                    spans.update({(request_id, c.index): [dataclasses.asdict(span) for span in c.weight_versions]
+                                  for c in output.outputs if c.weight_versions is not None})
                 yield output
         finally:
             if not finished:
@@ -1665,51 +2036,38 @@ class ReplicaEngineClient(EngineClient):
     # --- pause, and vLLM's weight-transfer API (the RL routes) --------------------------------------
 
     async def pause_generation(self, *, mode="abort", clear_cache=True):
-        """New requests wait (until resumed, up to --weight-sync-timeout). Running ones: "wait" lets them
-        finish, "keep" freezes them in the engine until `resume_generation`, "abort" ends them."""
-        if mode not in ("abort", "wait", "keep"):
-            raise ValueError(f"Invalid pause mode: {mode!r}; one of abort, wait, keep.")
-        self.batcher.pause(self.pause_timeout_s, engines=mode != "wait")
-        if mode == "wait":  # in the parent: a replica that waited inside its engine would stop answering
-            await self.batcher.drained.wait()
-            if clear_cache:
-                await self.reset_prefix_cache()
-            return
-        await self.batcher.pause_engines(mode, clear_cache)
-        if mode == "abort":
-            self.batcher.end_running("abort")
+        await self.weight_sync.pause(mode, clear_cache)
 
     async def resume_generation(self):
-        self.batcher.resume()
+        await self.weight_sync.resume()
 
     async def is_paused(self):
-        return not self.batcher.resumed.is_set()
+        return not self.batcher.gate.is_set()
 
     async def init_weight_transfer_engine(self, request):
-        await self.weight_sync.transfer_init(request.init_info)
+        await self.weight_sync.join_stock(request.init_info)
 
     async def start_weight_update(self):
-        await self.weight_sync.transfer("start_weight_update", {})
+        self.weight_sync.check_allowed()
+        await self.weight_sync.start()
 
     async def update_weights(self, request):
-        await self.weight_sync.transfer_update(request.update_info)
+        await self.weight_sync.receive_stock(request.update_info)
 
     async def finish_weight_update(self, weight_version=None):
-        await self.weight_sync.transfer("finish_weight_update", {})
-        if weight_version is not None:
-            await self.update_weight_version(weight_version)
+        await self.weight_sync.finish(weight_version)
 
     async def shutdown_weight_transfer_engine(self):
-        await self.weight_sync.transfer_close()
+        await self.weight_sync.leave()
 
     async def start_draft_weight_update(self):
         raise NotImplementedError("Speculative draft models are not served.")
 
     async def update_weight_version(self, new_version):
-        await self.batcher.replicas.call("weight_version", new_version)
+        await self.weight_sync.set_version(new_version)
 
     async def get_weight_version(self):
-        return (await self.batcher.replicas.call("weight_version"))[0]
+        return self.weight_sync.version
 
     def shutdown(self, timeout=None):
         self.renderer.shutdown()
@@ -1718,11 +2076,6 @@ class ReplicaEngineClient(EngineClient):
 # ------------------------------------------------------------------------------------------------
 # Routes of ours: health, TRL's legacy generation routes and weight sync (parse → validate → delegate)
 # ------------------------------------------------------------------------------------------------
-
-
-def is_int(x):
-    """A JSON integer; Python's bool is an int subclass, JSON's true is not."""
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def finite(x):
@@ -1806,10 +2159,11 @@ async def health(request):
     server = state(request)
     if server.batcher.failure is not None:
         raise APIError(str(server.batcher.failure), status=503)
-    return JSONResponse({"status": "ok", "paused": not server.batcher.resumed.is_set(),
+    return JSONResponse({"status": "ok", "paused": not server.batcher.gate.is_set(),
                          "requests_running": server.batcher.running, "requests_waiting": server.batcher.waiting,
                          "requests_aborted": server.batcher.aborted,  # their client left while they ran
-                         "requests_finished_per_rank": server.batcher.finished})
+                         "requests_finished_per_rank": server.batcher.finished,
+                         "weights": server.weight_sync.report()})
 
 
 async def get_world_size(request):
@@ -1884,17 +2238,22 @@ async def legacy_generate_all(server, serving, request, engine_inputs, max_token
         raise APIError(str(exc)) from None
 
 
-def legacy_response(outputs):
+def legacy_response(outputs, versions=False):
     """TRL's shape: prompt_ids per prompt; completion_ids, logprobs, logprob_token_ids per completion, the
-    logprobs of each position sorted by rank (the sampled token's included, as vLLM returns it)."""
+    logprobs of each position sorted by rank (the sampled token's included, as vLLM returns it). `versions`:
+    weight_versions too, per completion (as the /v1 routes give them)."""
     completions = [c for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
     ranked = None
     if all(c.logprobs is not None for c in completions):
         ranked = [[sorted(pos.items(), key=lambda kv: kv[1].rank) for pos in c.logprobs] for c in completions]
-    return {"prompt_ids": [list(o.prompt_token_ids) for o in outputs],
-            "completion_ids": [list(c.token_ids) for c in completions],
-            "logprobs": [[[finite(lp.logprob) for _, lp in pos] for pos in c] for c in ranked] if ranked else None,
-            "logprob_token_ids": [[[tid for tid, _ in pos] for pos in c] for c in ranked] if ranked else None}
+    response = {"prompt_ids": [list(o.prompt_token_ids) for o in outputs],
+                "completion_ids": [list(c.token_ids) for c in completions],
+                "logprobs": [[[finite(lp.logprob) for _, lp in pos] for pos in c] for c in ranked] if ranked else None,
+                "logprob_token_ids": [[[tid for tid, _ in pos] for pos in c] for c in ranked] if ranked else None}
+    if versions:
+        response["weight_versions"] = [[dataclasses.asdict(span) for span in c.weight_versions or ()]
+                                       for c in completions]
+    return response
 
 
 async def legacy_generate(request):
@@ -1916,7 +2275,7 @@ async def legacy_generate(request):
         raise APIError.of(engine_inputs)
     outputs = await legacy_generate_all(server, serving, vllm_request, engine_inputs, vllm_request.max_tokens,
                                         "max_tokens")
-    return JSONResponse(legacy_response(outputs))
+    return JSONResponse(legacy_response(outputs, body.get("return_weight_versions") is True))
 
 
 def legacy_images(images, prompts):
@@ -1970,7 +2329,8 @@ async def legacy_chat(request):
         outputs.append((vllm_request, rendered[1]))
     results = await asyncio.gather(*(legacy_generate_all(server, serving, r, inputs, r.max_tokens, "max_tokens")
                                      for r, inputs in outputs))
-    return JSONResponse(legacy_response([o for result in results for o in result]))
+    return JSONResponse(legacy_response([o for result in results for o in result],
+                                        body.get("return_weight_versions") is True))
 
 
 async def legacy_sequence_logprobs(request):
@@ -2066,6 +2426,14 @@ def param_meta(weight_sync, body):
     return {"name": name, "dtype": dtype, "shape": shape}
 
 
+def version_of(body):
+    """The version a trainer names for the update its call belongs to (optional; a string, as vLLM's)."""
+    version = body.get("version")
+    if version is not None and (not isinstance(version, str) or not version):
+        raise APIError("`version` must be a non-empty string.", param="version")
+    return version
+
+
 async def init_communicator(request):
     weight_sync = state(request).weight_sync
     weight_sync.check_allowed()
@@ -2081,21 +2449,27 @@ async def init_communicator(request):
         raise APIError(f"This server's {ours} ranks start at `rank_offset` and must lie below the trainer's, the "
                        f"last of `world_size`: need 0 <= rank_offset and rank_offset + {ours} <= world_size - 1, got "
                        f"{json.dumps(offset)} and {json.dumps(world_size)}.", param="rank_offset")
-    await weight_sync.open(host, port, str(body.get("client_device_uuid")), offset, world_size)
+    await weight_sync.join_legacy(host, port, str(body.get("client_device_uuid")), offset, world_size)
     return JSONResponse({"message": "Request received, initializing communicator", "world_size": world_size,
                          "weight_sync_backend": weight_sync.backend})
 
 
 async def update_named_param(request):
+    """One tensor of a per-parameter update, broadcast after this answers. The update commits once every
+    parameter of the checkpoint arrived, at /reset_prefix_cache, or at /close_communicator."""
     weight_sync = state(request).weight_sync
     weight_sync.check_allowed()
-    meta = param_meta(weight_sync, await read_json(request))
-    weight_sync.check_ready()
-    await weight_sync.update_one(meta)
+    body = await read_json(request)
+    meta = param_meta(weight_sync, body)
+    await weight_sync.receive("legacy", dict.fromkeys(range(len(weight_sync.replicas)),
+                                                      transfer_plan([meta], "tensors")),
+                              {meta["name"]}, per_parameter=True, version=version_of(body))
     return JSONResponse({"message": "Request received, updating named parameter"})
 
 
 async def update_named_params(request):
+    """Many tensors, broadcast in buckets after this answers; the update commits once they arrived (`finish`:
+    false leaves it open for /finish_weight_update: a client syncing several servers commits them together)."""
     weight_sync = state(request).weight_sync
     weight_sync.check_allowed()
     body = await read_json(request)
@@ -2108,26 +2482,40 @@ async def update_named_params(request):
         raise APIError(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} bytes in its "
                        f"bucket), got {json.dumps(layout)}: a client that sends none packs tensors back to back. "
                        "Use the vllm_client.py that ships with this server.", param="layout")
-    pause = body.get("pause", "wait")
+    pause, finish = body.get("pause", "wait"), body.get("finish", True)
     if pause not in ("wait", "keep"):
         raise APIError("`pause` must be \"wait\" (running requests finish first) or \"keep\" (they freeze "
                        "during the update).", param="pause")
-    weight_sync.check_ready()
-    await weight_sync.update_many(metas, bucket_bytes, keep=pause == "keep")
-    return JSONResponse({"message": "Request received, updating named parameters",
-                         "num_buckets": len(weight_buckets(metas, bucket_bytes))})
+    if not isinstance(finish, bool):
+        raise APIError("`finish` must be a boolean.", param="finish")
+    plan = transfer_plan(metas, "buckets", bucket_bytes)
+    await weight_sync.receive("legacy", dict.fromkeys(range(len(weight_sync.replicas)), plan),
+                              {meta["name"] for meta in metas}, drain=pause == "wait", finish=finish,
+                              version=version_of(body))
+    return JSONResponse({"message": "Request received, updating named parameters", "num_buckets": len(plan)})
 
 
 async def reset_prefix_cache(request):
+    """TRL calls it after a sync: it commits an open per-parameter update (TRL's protocol has no other end
+    marker), then empties the prefix cache."""
     server = state(request)
-    server.batcher.release()  # the end of a per-parameter sync
+    outcome = await server.weight_sync.finish()
+    if server.weight_sync.broken:
+        server.weight_sync.check_group("legacy")  # the 409 that says the last update failed, and what to do
     results = await server.replicas.call("reset_prefix_cache")
     return JSONResponse({"message": f"Request received, resetting prefix cache status: {all(results)}",
-                         "success": all(results)})
+                         "success": all(results), "weights": outcome})
+
+
+async def abort_weight_update(request):
+    """Ours, in both dialects: the open update, if any, rolls back at once (a client whose update failed on
+    another server of its group rolls back them all)."""
+    weights = await state(request).weight_sync.abort()
+    return JSONResponse({"message": "Weight update aborted", "weights": weights})
 
 
 async def close_communicator(request):
-    await state(request).weight_sync.close()
+    await state(request).weight_sync.leave(commit=True)
     return JSONResponse({"message": "Request received, closing communicator"})
 
 
@@ -2156,6 +2544,7 @@ ROUTES = [  # ours; a path here replaces vLLM's route of the same path
     *both("/update_named_params", update_named_params, ["POST"]),
     *both("/reset_prefix_cache", reset_prefix_cache, ["POST"]),
     *both("/close_communicator", close_communicator, ["POST"]),
+    *both("/abort_weight_update", abort_weight_update, ["POST"]),
 ]
 
 VLLM_ROUTES = {  # vLLM's routes we serve, as its app registers them; any other route of its app is removed
@@ -2172,6 +2561,110 @@ VLLM_ROUTES = {  # vLLM's routes we serve, as its app registers them; any other 
     "/update_weights", "/finish_weight_update", "/shutdown_weight_transfer_engine", "/update_weight_version",
     "/weight_info",
 }
+
+
+class WeightVersions:
+    """ASGI middleware: a /v1/completions or /v1/chat/completions body with `"return_weight_versions": true`
+    (vLLM 0.33's field; 0.32 has no such field) gets, per choice, the weights that sampled its tokens, in vLLM's
+    shape: `weight_versions: [{version, start, end}]` over output-token indexes, `[start, end)` (a stream: on
+    the last chunk of each choice). Any other request passes untouched: it stays byte for byte stock's."""
+
+    ROUTES = {"/v1/completions", "/v1/chat/completions"}
+    FIELD = "return_weight_versions"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
+            return await self.app(scope, receive, send)
+        raw, more = [], True
+        while more:
+            message = await receive()
+            raw.append(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        body = b"".join(raw)
+        asked = None
+        if self.FIELD.encode() in body:
+            with contextlib.suppress(ValueError):
+                asked = json.loads(body)
+        if not isinstance(asked, dict) or asked.pop(self.FIELD, None) is not True:
+            return await self.app(scope, self.replay(body, receive), send)
+        body = json.dumps(asked).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+        spans, n = {}, asked.get("n") if is_int(asked.get("n")) else 1
+        token = VERSION_SPANS.set(spans)
+        try:
+            await self.app(scope, self.replay(body, receive), self.sender(send, spans, scope["path"], n))
+        finally:
+            VERSION_SPANS.reset(token)
+
+    @staticmethod
+    def replay(body, receive):
+        """The body, read already, then what the client sends next (its disconnect)."""
+        sent = []
+
+        async def replayed():
+            if sent:
+                return await receive()
+            sent.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replayed
+
+    @staticmethod
+    def choice_spans(spans, path, n):
+        """{choice index: spans}. Completions: vLLM's request ids end with the prompt's index, and choice =
+        prompt index x n + completion index; chat: one prompt."""
+        if path == "/v1/chat/completions":
+            return {index: value for (_, index), value in spans.items()}
+        return {int(rid.rsplit("-", 1)[1]) * n + index: value for (rid, index), value in spans.items()}
+
+    def sender(self, send, spans, path, n):
+        held, parts, pending = {}, [], [b""]
+
+        def stamped(data):
+            for choice in data.get("choices") or ():
+                if choice.get("finish_reason") is not None:
+                    choice["weight_versions"] = self.choice_spans(spans, path, n).get(choice.get("index"))
+            return data
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start":
+                held["start"], held["stream"] = message, any(
+                    k == b"content-type" and v.startswith(b"text/event-stream") for k, v in message["headers"])
+                if held["stream"]:
+                    await send(message)
+                return
+            if message["type"] != "http.response.body":
+                return await send(message)
+            if held["stream"]:  # SSE: rewrite whole events only
+                events = (pending[0] + message.get("body", b"")).split(b"\n\n")
+                pending[0] = events.pop()
+                out = []
+                for event in events:
+                    if event.startswith(b"data: {"):
+                        with contextlib.suppress(ValueError):
+                            event = b"data: " + json.dumps(stamped(json.loads(event[6:]))).encode()
+                    out.append(event + b"\n\n")
+                more = message.get("more_body", False)
+                if not more and pending[0]:
+                    out.append(pending[0])
+                return await send({**message, "body": b"".join(out)})
+            parts.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(parts)
+            if held["start"]["status"] == 200:
+                with contextlib.suppress(ValueError):
+                    body = json.dumps(stamped(json.loads(body))).encode()
+            start = held["start"]
+            headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        return wrapped
 
 
 class Guard:
@@ -2251,7 +2744,7 @@ async def build(args, server: Server, parent_config):
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.middleware_stack = None  # rebuilt with that handler at the first request
     app.state.rollout = server
-    return Guard(app, args.api_key, args.max_request_body_bytes)
+    return Guard(WeightVersions(app), args.api_key, args.max_request_body_bytes)
 
 
 async def supervise(server: Server):
@@ -2349,6 +2842,7 @@ def main(argv=None):
         sys.exit(1)
     finally:
         replicas.stop()  # a no-op once serve() stopped them
+        weight_sync.close()
         if "METRICS_DIR" in globals():
             shutil.rmtree(METRICS_DIR, ignore_errors=True)
     sys.exit(server.exit_code)

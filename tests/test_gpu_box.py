@@ -8,6 +8,7 @@ The CUDA-only lines these helpers feed (NCCL groups, CUDA events) are listed in 
 import contextlib
 import os
 import signal
+import threading
 
 import psutil
 import pytest
@@ -89,25 +90,118 @@ class NcclGroup:
         self.destroyed = True
 
 
+class Exited(Exception):
+    """os._exit, stood in for: the code path that would end the process."""
+
+
+def exit_raises(monkeypatch):
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(vllm_serve.os, "_exit", exit_)
+
+
 @pytest.mark.parametrize("drained", [True, False])
 def test_a_broadcast_past_its_deadline_destroys_the_group_and_a_blocked_stream_ends_the_worker(monkeypatch,
                                                                                                 drained):
-    """The worker's side of the NCCL lifecycle: a broadcast whose stream does not drain within the deadline
-    raises, the group is destroyed (NCCL's abort), and if the stream is still blocked after that the worker
-    process exits (its engine dies, and the server exits 1 for its supervisor: tests/test_reliability.py)."""
-    worker = vllm_serve.WeightSyncWorkerExtension()
-    worker.weight_comm, worker.weight_client_rank, worker.weight_timeout_s = NcclGroup(), 1, 5
-    worker.device = worker.weight_device = torch.device("cuda", 0)
-    comm, checks, exits = worker.weight_comm, [], []
+    """The worker's side of the NCCL lifecycle (WeightEngine): a broadcast whose stream does not drain within the
+    deadline raises, leaving the group destroys it (NCCL's abort), and if the stream is still blocked after
+    that the worker process exits (its engine dies, and the server exits 1 for its supervisor:
+    tests/test_reliability.py)."""
+    engine = vllm_serve.WeightEngine(None, None, torch.device("cuda", 0))
+    engine.group, engine.spec = NcclGroup(), {"source": 1, "timeout_s": 5, "barrier": True}
+    comm, checks = engine.group, []
     # the broadcast's own check never drains; the one after the abort drains or not
-    monkeypatch.setattr(worker, "_stream_drained", lambda timeout_s: checks.append(timeout_s) or
+    monkeypatch.setattr(engine, "_stream_drained", lambda timeout_s, epoch: checks.append(timeout_s) or
                         (drained and len(checks) > 1))
-    monkeypatch.setattr(vllm_serve.os, "_exit", exits.append)
+    exit_raises(monkeypatch)
     with pytest.raises(TimeoutError, match="did not complete within 5 s"):
-        with worker._closed_on_error():
-            worker._broadcast(torch.empty(4))
-    assert comm.destroyed and worker.weight_comm is None
-    assert checks == [5, vllm_serve.NCCL_ABORT_GRACE_S] and exits == ([] if drained else [1])
+        engine._broadcast(torch.empty(4), 0)
+    with contextlib.nullcontext() if drained else pytest.raises(Exited):
+        engine.leave()
+    assert comm.destroyed and engine.group is None
+    assert checks == [5, vllm_serve.NCCL_ABORT_GRACE_S]
+
+
+def nccl_fakes(monkeypatch, communicator):
+    """NCCL's set-up without CUDA: the store and vLLM's communicator stood in for (pure unit tests)."""
+    from vllm.distributed import utils as distributed_utils
+    from vllm.distributed.device_communicators import pynccl
+
+    monkeypatch.setattr(distributed_utils.StatelessProcessGroup, "create", staticmethod(lambda **kwargs: "store"))
+    monkeypatch.setattr(pynccl, "PyNcclCommunicator", communicator)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+
+def test_nccl_group_set_up_has_a_deadline_and_refuses_a_disabled_communicator(monkeypatch):
+    """ncclCommInitRank has no deadline of its own: a set-up still running at the group's deadline ends the
+    worker (it cannot be aborted); one that comes back disabled is refused, as the client refuses its own."""
+    engine = vllm_serve.WeightEngine(None, None, torch.device("cuda", 0))
+    spec = {"host": "127.0.0.1", "port": 1, "rank": 0, "world_size": 2, "timeout_s": 0.2}
+    released = threading.Event()
+
+    class Stuck:
+        def __init__(self, store, device):
+            released.wait(HANG_S)  # a trainer that joined the store, then never called ncclCommInitRank
+
+    nccl_fakes(monkeypatch, Stuck)
+    exit_raises(monkeypatch)
+    try:
+        with pytest.raises(Exited):
+            engine._nccl_group(spec, 0)
+    finally:
+        released.set()
+
+    class Disabled:
+        def __init__(self, store, device):
+            self.disabled = True
+
+    nccl_fakes(monkeypatch, Disabled)
+    with pytest.raises(RuntimeError, match="disabled"):
+        engine._nccl_group({**spec, "timeout_s": HANG_S}, 0)
+    with pytest.raises(vllm_client.VLLMClientError, match="disabled"):
+        vllm_client._enabled(Disabled(None, None))
+
+
+def test_the_client_refuses_transports_it_cannot_speak_before_any_group_forms():
+    client = vllm_client.VLLMClient.__new__(vllm_client.VLLMClient)
+    client._device = torch.device("cpu")
+    with pytest.raises(vllm_client.VLLMClientError, match="NCCL, which needs a CUDA device"):
+        client._transport({"nccl"})  # init_communicator(device="cpu") against an NCCL server
+    for backends in ({"ipc"}, {"gloo", "nccl"}, {None}):
+        with pytest.raises(vllm_client.VLLMClientError, match="gloo or NCCL"):
+            client._transport(set(backends))
+    assert client._transport({"gloo"}) == "gloo"
+
+
+def test_the_client_packs_after_the_optimizer_and_within_its_deadline(monkeypatch):
+    """Stock's NCCL producer packs on vLLM's side streams: each first waits for the trainer's current stream (an
+    optimizer step still writing the weights). It blocks the host on those streams, so it runs watched: past
+    the deadline the communicator is destroyed, which ends its broadcasts, and the sync raises."""
+    from vllm.distributed.weight_transfer import packed_tensor
+
+    events, release = [], threading.Event()
+
+    class Stream:
+        def wait_stream(self, other):
+            events.append(("wait", other))
+
+    monkeypatch.setattr(packed_tensor, "_get_streams", lambda index, count: [Stream() for _ in range(count)])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "trainer stream")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(packed_tensor, "packed_nccl_broadcast_producer",
+                        lambda *args, **kwargs: events.append(("pack", None)) or release.wait(HANG_S))
+    client = vllm_client.VLLMClient.__new__(vllm_client.VLLMClient)
+    client._device, client.timeout, client.packed_bytes = torch.device("cuda", 0), 0.2, 1 << 20
+    client.communicator, client._pack_buffers = NcclGroup(), []
+    comm = client.communicator
+    try:
+        with pytest.raises(vllm_client.VLLMClientError, match="did not complete"):
+            client._produce([("w", torch.zeros(2))])
+    finally:
+        release.set()
+    assert events[:2] == [("wait", "trainer stream")] * 2 and events[2] == ("pack", None)
+    assert comm.destroyed and client.communicator is None
 
 
 def test_the_client_destroys_its_nccl_communicator_when_it_leaves():

@@ -246,31 +246,31 @@ def test_nccl_on_a_cpu_server_starts_and_its_transfers_are_refused(models, start
         server.stop()
 
 
-def test_an_init_during_a_transfer_is_refused_then_the_transfer_completes(models, start_server, expected):
+def test_an_init_during_a_transfer_rolls_it_back_at_once_and_the_new_group_syncs(models, start_server, expected):
+    """A trainer that started an update and went silent (alive: its group stays open) does not lock out the next
+    one: the new /init_weight_transfer_engine ends the workers' wait for the silent broadcast at once, the update
+    rolls back (its /update_weights gets a 409 saying so), and the new group syncs exactly."""
     server = start_server(models["seed0"], name="rl-inflight", env=MP)
     try:
-        client = stock_client(server)
+        silent = stock_client(server)
         named = checkpoint(models["seed1"])
         info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in named],
                 "shapes": [list(t.shape) for _, t in named]}
         assert server.post("/start_weight_update", {}).status_code == 200
         update = {}
         thread = threading.Thread(target=lambda: update.update(r=server.post("/update_weights", {"update_info": info})))
-        thread.start()  # in flight until the trainer broadcasts: nothing is sent yet
-        wait_until(lambda: server.post("/init_weight_transfer_engine", {"init_info": {
-            "master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2}}
-                                       ).status_code == 409, "an init refused while the update waits")
-        from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
-
-        tensors = iter(named)
-        while (chunk := pack_tensors(tensors, lambda item: item[1], 1 << 30)) is not None:
-            client.communicator.broadcast(chunk.packed_tensor, root=0).wait()
+        thread.start()  # in flight until the trainer broadcasts, which it never does
+        server.wait_for_health(lambda h: h["weights"]["state"] == "receiving")
+        client = stock_client(server)  # the next trainer
         thread.join(HANG_S)
-        assert update["r"].status_code == 200, update["r"].text
-        assert server.post("/finish_weight_update", {}).status_code == 200
+        assert update["r"].status_code == 409 and "aborted" in update["r"].text, update["r"].text
+        assert server.health()["weights"]["last"]["outcome"] == "rolled back"
+        assert greedy(server) == expected["seed0"]
+        client.update_named_params(named)
         client.reset_prefix_cache()
         assert greedy(server) == expected["seed1"]
         client.close_communicator()
+        silent._leave_group()
     finally:
         server.stop()
 
