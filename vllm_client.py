@@ -41,6 +41,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -381,6 +382,8 @@ class VLLMClient:
 
         self._leave_group()  # a group of an earlier init: its NCCL communicator is not reused
         self.group, self._in_update, self._session = self._live(), False, False
+        # names this group in every call: once a newer trainer's group replaced it, the servers refuse ours (409)
+        self.session.headers["X-Weight-Sync-Group"] = uuid.uuid4().hex
         infos = self._each("GET", "/get_world_size", idempotent=True, servers=self.group)
         legacy = ["weight_sync_backend" in info for info in infos]
         self.weight_sync = self.weight_sync or ("legacy" if all(legacy) else "stock")
@@ -397,9 +400,10 @@ class VLLMClient:
         # The first server's first worker hosts the group's TCP store, at an address every rank reaches
         store_host = _store_host([s.host for s in self.group])
         offsets = list(itertools.accumulate(sizes[:-1], initial=0))
-        uuid = _device_uuid(torch, self._device)
+        device = _device_uuid(torch, self._device)
         for server, offset in zip(self.group, offsets):
-            body = {"host": store_host, "port": self.group_port, "world_size": world_size, "client_device_uuid": uuid}
+            body = {"host": store_host, "port": self.group_port, "world_size": world_size,
+                    "client_device_uuid": device}
             self._request("POST", "/init_communicator", json={**body, "rank_offset": offset}
                           if len(self.group) > 1 else body, server=server)
         self.communicator = self._join_group(world_size, store_host)
@@ -630,6 +634,7 @@ class VLLMClient:
     def update_named_param(self, name, weights):
         """Legacy path: announce one tensor, then broadcast it. The first one opens a session of per-parameter
         updates that reset_prefix_cache() (or a batched update, or close_communicator()) commits."""
+        self._check_group()
         if not self._in_update:
             self._open()
             self._session = True
@@ -643,6 +648,11 @@ class VLLMClient:
         except BaseException:
             self._abandon()
             raise
+
+    def _check_group(self):
+        if self.communicator is None:
+            raise VLLMClientError("No weight-sync group: call init_communicator() first (a failed update leaves "
+                                  "the group, and the next init_communicator starts clean).")
 
     def _announce(self, path, body):
         """POST what comes next to every server of the group, each answering before the broadcast."""
@@ -661,6 +671,7 @@ class VLLMClient:
         if not isinstance(bucket_bytes, int):  # TRL 1.16's (metadata, named_params)
             named_tensors, bucket_bytes = bucket_bytes, WEIGHT_BUCKET_BYTES
         named = [(name, tensor.detach()) for name, tensor in named_tensors]
+        self._check_group()
         self._end_session()
         with self._update():
             if self.weight_sync == "stock":
@@ -759,7 +770,7 @@ class VLLMClient:
             self._end_session()
             self._each("POST", path, servers=self._members())
         except VLLMClientError as exc:
-            if exc.status_code is not None:
+            if exc.status_code not in (None, 409):  # gone, or its group replaced by a newer trainer's: closed
                 raise
         finally:
             self._leave_group()

@@ -16,28 +16,32 @@ Launch
 
 Routes
     vLLM's (VLLM_ROUTES below): /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages,
-        /tokenize, /detokenize, /v1/models, /version, /metrics, /ping, ... as `vllm serve` answers them.
-    Ours (ROUTES below): /health (with counters), /get_world_size, TRL's /generate/ /chat/
-        /get_sequence_logprobs/, and its weight sync: /init_communicator /update_named_param
-        /update_named_params /reset_prefix_cache /close_communicator.
+        /tokenize, /detokenize, /v1/models, /version, /metrics, /ping, ... as `vllm serve` answers them; and
+        stock's RL routes (/pause /resume /init_weight_transfer_engine /start_weight_update /update_weights
+        /finish_weight_update /shutdown_weight_transfer_engine /update_weight_version /weight_info ...).
+    Ours (ROUTES below): /health (with counters and the weights' state), /get_world_size, TRL's /generate/
+        /chat/ /get_sequence_logprobs/, and its weight sync: /init_communicator /update_named_param
+        /update_named_params /reset_prefix_cache /close_communicator; /abort_weight_update in both dialects.
     The API key (`--api-key`) guards every route but /health, /ping, /metrics and CORS preflight.
 
-Weight sync (TRL's protocol): the trainer is the last rank of a group of `tp*dp + 1`, or of the
-`world_size` /init_communicator names, our ranks from its `rank_offset` (one group over several servers).
-NCCL when the replicas run on CUDA, gloo over a TCP store on CPU. `/update_named_params` announces many tensors at
-once; the client broadcasts them packed in buckets, each tensor padded to WEIGHT_ALIGN_BYTES (layout 2).
-An update waits until running requests finish and holds new ones meanwhile: no request sees a mix.
+Weight sync, in TRL's dialect (the trainer is the last rank of the group, the server's ranks from its
+`rank_offset`) and in stock vLLM's (the trainer is rank 0), over NCCL on CUDA or gloo through host memory.
+Both are adapters onto one transaction (WeightSync, and WeightEngine in each vLLM worker): from its first
+step new requests wait and running ones freeze; it commits on every replica at once, with a new version,
+or any failure (a trainer gone, a timeout, a load that raised) rolls every replica back to the weights it
+had, exactly. A request that asks gets the versions that produced its tokens (`return_weight_versions`).
 
 Limits
     Replicas are independent copies (dense models); `--tensor-parallel-size` splits each one. vLLM's
     multi-node and multi-front-end layout flags are refused (REFUSED_FLAGS). Development routes
     (collective_rpc, sleep, ...) are never served, whatever VLLM_SERVER_DEV_MODE says; nor are LoRA
     adapters, pooling models or profiling. `/v1` clamps a `max_tokens` that does not fit, as stock;
-    the legacy routes answer it with 400, as TRL's server did.
+    the legacy routes answer it with 400, as TRL's server did. Weight sync into a quantized model is refused.
 
 Contents
-    Constants · Configuration · Replica process · Replicas, rounds, weight-sync state · The engine
-    client · Routes · App, serving, main()
+    Constants · Configuration · Worker side (warm-up, WeightEngine: a worker's side of an update) · Replica
+    process · Parent side: replicas, rounds and the gate, WeightSync (the update's state machine) · The
+    engine client · Routes (health, legacy generation, legacy weight sync, WeightVersions, Guard) · App, main()
 """
 
 import os
@@ -119,6 +123,8 @@ MODULE_NAME = pathlib.Path(__file__).stem  # vLLM's workers import the extension
 OPEN_PATHS = {"/health", "/ping", "/metrics"}  # answered without the API key: probes and scrapers
 # {(request id, completion index): [{version, start, end}]} of the HTTP request that asked for weight versions
 VERSION_SPANS = contextvars.ContextVar("version_spans", default=None)
+TRAINER_HEADER = b"x-weight-sync-group"  # our client names its group in every call; TRL's clients send none
+TRAINER = contextvars.ContextVar("trainer", default=None)  # that name, for the request being served
 
 class APIError(GracefulHTTPError):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Raised under one of
@@ -245,6 +251,10 @@ def parse_args(argv=None):
     if refused:
         parser.error(f"{', '.join('--' + n.replace('_', '-') for n in refused)}: this server runs "
                      f"--data-parallel-size replicas behind one front end; start one server per node instead.")
+    if getattr(args, "device_ids", None) and (args.data_parallel_size or 1) > 1:
+        # each replica's workers would map their local ranks through the whole list, outside their own GPUs
+        parser.error("--device-ids with --data-parallel-size > 1: choose the GPUs with CUDA_VISIBLE_DEVICES "
+                     "instead (replica r takes the r-th tensor x pipeline parallel group of them).")
     if not args.model:
         parser.error("--model is required")
     # vLLM's --api-key takes several keys; VLLM_API_KEY is read after --config's `env:` was exported
@@ -939,6 +949,14 @@ class Replica:
             results = self.engine.collective_rpc("weights", args=("commit",))
             self.engine.set_weight_version(version)
             return results
+        if action == "rollback":
+            try:
+                return self.engine.collective_rpc("weights", args=("rollback",))
+            except Exception:  # its weights are now unknown: it must not serve them (the server exits 1)
+                logger.critical("replica %d could not restore its weights after a failed update; exiting", self.rank,
+                                exc_info=True)
+                self.shutdown()
+                os._exit(1)
         results = self.engine.collective_rpc("weights", args=(action, *args))
         if action == "load" and not self.engine.reset_prefix_cache(reset_running_requests=True):
             raise RuntimeError("the prefix cache could not be emptied after loading the new weights")
@@ -1478,7 +1496,7 @@ class WeightSync:
         self.args, self.replicas, self.batcher = args, replicas, batcher
         self.backend, self.on_cuda = backend, on_cuda  # --weight-transfer-config's backend; the replicas' device
         self.steps = asyncio.Lock()
-        self.group = None  # the trainer's group: {"dialect": "legacy" | "stock", "packed", "buffer_bytes"}
+        self.group = None  # the trainer's group: {"dialect", "owner" (its client's name, if sent), "packed", ...}
         self.broken = None  # why the group's last step failed: its next step gets a 409 saying so
         self.state = "idle"  # of the update: idle, open, receiving, loading
         self.per_parameter = False  # the open update came from /update_named_param (no end marker)
@@ -1558,8 +1576,17 @@ class WeightSync:
             raise APIError("The replicas run on CPU, where NCCL cannot transfer weights: start the server with "
                            "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
 
+    def check_owner(self):
+        """409 for a step from a trainer whose group a newer one replaced (a restarted trainer's old self): it must
+        not reach the new group. Only clients that name their group (X-Weight-Sync-Group) can be told apart."""
+        sender, owner = TRAINER.get(), (self.group or {}).get("owner")
+        if sender and owner and sender != owner:
+            raise APIError("This trainer's weight-sync group was replaced by a newer trainer's (a restarted "
+                           "trainer): call init again to take over.", status=409)
+
     def check_group(self, dialect):
         """409 unless the trainer's group of `dialect` is open and its last step did not fail."""
+        self.check_owner()
         join = "/init_communicator" if dialect == "legacy" else "/init_weight_transfer_engine"
         if self.broken:
             raise APIError(f"The previous weight-sync step failed, and the update was rolled back: {self.broken}. "
@@ -1661,7 +1688,7 @@ class WeightSync:
             if self.state != "idle":
                 await self._rollback("a new trainer group replaced the one feeding the update")
             await self.replicas.call("weights", "leave")
-            self.group, self.broken = {"dialect": dialect, **group}, None
+            self.group, self.broken = {"dialect": dialect, "owner": TRAINER.get(), **group}, None
             messages = {rank: ("weights", ("join", spec, self.epoch)) for rank, spec in enumerate(specs)}
             if dialect == "legacy":
                 self.background(self._settle(await self.replicas.fire(messages), "joining the trainer's group"))
@@ -1675,6 +1702,7 @@ class WeightSync:
     async def leave(self, commit=False):
         """The trainer closes its group. An open per-parameter update commits with `commit` (TRL's per-parameter
         protocol has no end marker); any other open update rolls back."""
+        self.check_owner()
         if not commit:
             self.abort_waits()
         async with self.steps:
@@ -1690,6 +1718,7 @@ class WeightSync:
 
     async def start(self, freeze=True):
         """/start_weight_update, and the first step of an update in either dialect."""
+        self.check_owner()
         self.arm()
         async with self.steps:
             await self._start(freeze)
@@ -1760,6 +1789,7 @@ class WeightSync:
 
     async def abort(self):
         """/abort_weight_update: the open update rolls back now (its waits end at once)."""
+        self.check_owner()
         self.abort_waits()
         async with self.steps:
             if self.state != "idle":
@@ -1770,6 +1800,7 @@ class WeightSync:
         """/finish_weight_update, and /reset_prefix_cache after TRL's per-parameter updates: commit the open update
         (a trainer-named `version`, else the next number). With none open, only a named version is set, as
         stock does. → the outcome."""
+        self.check_owner()
         self.arm()
         async with self.steps:
             return await self._finish(version)
@@ -2681,6 +2712,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        TRAINER.set(headers.get(TRAINER_HEADER, b"").decode("latin-1") or None)  # for WeightSync.check_owner
         open_path = scope["path"].rstrip("/") in OPEN_PATHS or scope["method"] == "OPTIONS"
         given = headers.get(b"authorization", b"")
         if self.expected and not open_path and not any(hmac.compare_digest(given, key) for key in self.expected):

@@ -94,8 +94,9 @@ def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def server(kind, model, *, max_model_len, kv_bytes, dp=1, extra=(), name=None, env=None):
-    """Our server ("ours") or stock vLLM ("stock") with this run's engine settings, not yet launched."""
+def server(kind, model, *, max_model_len, kv_bytes, dp=1, extra=(), name=None, env=None, script=None):
+    """Our server ("ours", or an earlier commit's `script`) or stock vLLM ("stock") with this run's engine
+    settings, not yet launched."""
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
             "--kv-cache-memory-bytes", str(kv_bytes), "--max-num-seqs", str(MAX_NUM_SEQS)]
     if kind == "ours":
@@ -104,7 +105,7 @@ def server(kind, model, *, max_model_len, kv_bytes, dp=1, extra=(), name=None, e
         args += ["--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS), "--disable-uvicorn-access-log",
                  "--disable-log-stats"]
     name = f"{name or f'{kind}-dp{dp}'}-{pathlib.Path(model).name}"
-    return support.Server(model, *args, *extra, kind=kind, log_dir=RESULTS, name=name, env=env)
+    return support.Server(model, *args, *extra, kind=kind, log_dir=RESULTS, name=name, env=env, script=script)
 
 
 class InProcess:

@@ -14,7 +14,9 @@ Scenarios (numbers: flags below)
              [turn_min, turn_max]; each turn appends the reply and a new user message: ours vs stock
   3 legacy   one VLLMClient.generate of N prompts: ours (and stock) vs in-process LLM.generate
   4 latency  sequential 1-token completions, median latency: ours vs stock
-  5 sync     push every weight of a ~0.5B model: per-param vs batched vs raw gloo (bench/weight_sync.py)
+  5 sync     push every weight of a ~0.5B model: per-param vs batched vs raw gloo (bench/weight_sync.py); and
+             what the transaction costs (its backup and two-phase commit): the same syncs into the server
+             before it (commit BASELINE, its server and client side by side), time and peak extra host memory
   6 scaling  scenario 1 on our server with --data_parallel_size 1 vs 2
   7 streams  N concurrent streamed chats: tokens/s and median time to the first content token, ours vs stock
   8 fleet    one VLLMClient over 2 of our servers (DP 1 each, each on its own core) vs over 1 server of DP 2:
@@ -287,32 +289,50 @@ def guarded(fn, what):
 # ------------------------------------------------------------------------------------------------
 
 
-def run_sync(server, path, args):
-    out = RESULTS / "weight_sync.json"
+BASELINE = "4413858"  # the server before a weight update became a transaction (issue 23): what it costs
+
+
+def run_sync(server, path, args, name="weight_sync", extra=()):
+    out = RESULTS / f"{name}.json"
     out.unlink(missing_ok=True)
-    log(f"weight sync: {common.param_count(path) / 1e6:.1f}M params, {args.sync_repeats} round(s) per path")
+    log(f"{name}: {common.param_count(path) / 1e6:.1f}M params, {args.sync_repeats} round(s) per path")
     cmd = [sys.executable, str(common.BENCH / "weight_sync.py"), "--url", server.url, "--model", path,
-           "--repeats", str(args.sync_repeats), "--out", str(out)]
-    with open(RESULTS / "weight_sync.log", "w") as logf:
+           "--repeats", str(args.sync_repeats), "--out", str(out), "--server-pid", str(server.proc.pid), *extra]
+    with open(RESULTS / f"{name}.log", "w") as logf:
         proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(common.ROOT), timeout=3600)
     if proc.returncode != 0 or not out.exists():
-        log(f"FAILED weight sync (exit {proc.returncode}); see {RESULTS / 'weight_sync.log'}")
-        return {"error": f"exit {proc.returncode}: {common.tail(RESULTS / 'weight_sync.log', 15)}"}
+        log(f"FAILED {name} (exit {proc.returncode}); see {RESULTS / f'{name}.log'}")
+        return {"error": f"exit {proc.returncode}: {common.tail(RESULTS / f'{name}.log', 15)}"}
     result = json.loads(out.read_text())
     result["model"] = args.sync_model
     return result
 
 
+def baseline_files():
+    """BASELINE's vllm_serve.py and vllm_client.py, from git, in their own directory → that directory."""
+    where = RESULTS / f"baseline-{BASELINE}"
+    where.mkdir(parents=True, exist_ok=True)
+    for name in ("vllm_serve.py", "vllm_client.py"):
+        text = subprocess.run(["git", "show", f"{BASELINE}:{name}"], cwd=str(common.ROOT), capture_output=True,
+                              text=True, check=True).stdout
+        (where / name).write_text(text)
+    return where
+
+
 def run_sync_phase(args, results):
     path = common.model_path(args.sync_model)
-    server = common.server("ours", path, max_model_len=SYNC_MAX_MODEL_LEN, kv_bytes=KV_BYTES[args.sync_model])
-    log(f"phase weight sync on {args.sync_model}: starting our server")
-    common.start_all([server])
-    try:
-        results["sync"] = run_sync(server, path, args)
-        results["sync"]["startup_s"] = server.startup_s
-    finally:
-        common.stop_all([server])
+    for key, script, extra in (("sync", None, ()), ("sync_baseline", "baseline", ("--syncs-only",))):
+        where = baseline_files() if script else None
+        server = common.server("ours", path, max_model_len=SYNC_MAX_MODEL_LEN, kv_bytes=KV_BYTES[args.sync_model],
+                               script=where / "vllm_serve.py" if where else None, name=key)
+        log(f"phase weight sync on {args.sync_model}: starting {'the ' + BASELINE if where else 'our'} server")
+        common.start_all([server])
+        try:
+            results[key] = guarded(lambda: run_sync(server, path, args, key, [*extra, *(
+                ["--client-dir", str(where)] if where else [])]), key)
+            results[key]["startup_s"] = server.startup_s
+        finally:
+            common.stop_all([server])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,6 +404,16 @@ def ratio_rows(results):
                 better="lower")
             add("5 weight sync", label, "stall, keep / raw time", sync["stall_s"]["keep"], sync["raw_s"],
                 better="lower")
+        before = results.get("sync_baseline")
+        if before and "error" not in before:
+            for path in ("batched", "per_param"):
+                add("5 weight sync", label, f"{path} time, transaction / {BASELINE}", sync[f"{path}_s"],
+                    before[f"{path}_s"], better="lower")
+                extra = (sync.get("peak_extra_bytes") or {}).get(path), (before.get("peak_extra_bytes") or {}).get(path)
+                if None not in extra:
+                    add("5 weight sync", label, f"{path} peak extra host memory, transaction / {BASELINE} "
+                        f"({extra[0] / 2**30:.2f} / {extra[1] / 2**30:.2f} GiB)", max(extra[0], 1), max(extra[1], 1),
+                        better="lower")
     return rows
 
 

@@ -20,6 +20,11 @@ when a batched sync starts; the time until generation makes progress again.
 The tensors pushed are the checkpoint's own, so the model is unchanged: greedy output before and
 after must match (`weights_intact`). Paths run interleaved, repeat by repeat, to share the noise.
 Runs in its own process so that its copy of the weights is freed at the end.
+
+With --server-pid, each sync also reports the host memory it adds: the peak RSS of the server's whole process
+tree during it, above the RSS before it (`peak_extra_bytes`). --client-dir imports `vllm_client` from another
+directory (an earlier commit's, against that commit's server) and --syncs-only skips (c) and the stall: how
+run_all.py measures what the weight-update transaction costs against the server before it.
 """
 
 import argparse
@@ -61,7 +66,8 @@ def raw_push(group, buckets, buffers):
     from vllm_client import _broadcast_buckets
 
     start = time.perf_counter()
-    _broadcast_buckets(group, 1, buckets, buffers)  # the client's own sender, with its own kept buffers
+    # the client's own sender, with its own kept buffers
+    _broadcast_buckets(group, 1, buckets, buffers, lambda work: work.wait())
     group.barrier().wait()  # the receiver has everything
     return time.perf_counter() - start
 
@@ -115,6 +121,43 @@ def stall(url, client, named, keep, rollouts, tokens):
     return resumed - start
 
 
+def tree_rss(pid):
+    import psutil
+
+    total = 0
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakRSS:
+    """The server tree's RSS sampled every 20 ms while the block runs; `extra`: its peak above the RSS before."""
+
+    def __init__(self, pid):
+        self.pid, self.extra = pid, None
+
+    def __enter__(self):
+        import threading
+
+        self.before = self.peak = tree_rss(self.pid) if self.pid else 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.pid and not self.done.wait(0.02):
+            self.peak = max(self.peak, tree_rss(self.pid))
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.extra = self.peak - self.before if self.pid else None
+
+
 def busy_cpu_s():
     """Core-seconds the whole machine has spent busy (all processes, kernel included) so far."""
     import psutil
@@ -135,9 +178,14 @@ def main():
     parser.add_argument("--sizes")
     parser.add_argument("--rollouts", type=int, default=32, help="streams running when the stall's sync starts")
     parser.add_argument("--rollout-tokens", type=int, default=400)
+    parser.add_argument("--server-pid", type=int, help="report each sync's peak extra host memory (its tree's RSS)")
+    parser.add_argument("--client-dir", help="import vllm_client from here (an earlier commit's)")
+    parser.add_argument("--syncs-only", action="store_true", help="only (a) and (b): no raw push, no stall")
     args = parser.parse_args()
     if args.receiver:
         return receiver(args.port, json.loads(args.sizes), args.repeats)
+    if args.client_dir:
+        sys.path.insert(0, args.client_dir)
 
     import torch
     from safetensors.torch import load_file
@@ -152,10 +200,11 @@ def main():
     sizes = [sum(t.numel() * t.element_size() for t in bucket) for bucket in buckets]
 
     port = free_port()
-    recv = subprocess.Popen([sys.executable, __file__, "--receiver", "--port", str(port), "--sizes", json.dumps(sizes),
-                             "--repeats", str(args.repeats)], cwd=str(ROOT))
+    recv = None if args.syncs_only else subprocess.Popen(
+        [sys.executable, __file__, "--receiver", "--port", str(port), "--sizes", json.dumps(sizes), "--repeats",
+         str(args.repeats)], cwd=str(ROOT))
     try:
-        group = gloo_group(port, 1)
+        group = None if args.syncs_only else gloo_group(port, 1)
         client = VLLMClient(base_url=args.url, group_port=free_port(), connection_timeout=60)
         probe = dict(prompts=["The weather in Paris is"], temperature=0.0, max_tokens=8, logprobs=None)
         before = client.generate(**probe)["completion_ids"]
@@ -163,14 +212,16 @@ def main():
         client.init_communicator(device="cpu")
         init_s = time.perf_counter() - start
 
-        times = {"per_param": [], "batched": [], "raw": []}
-        cpu = {path: [] for path in times}
+        times = {"per_param": [], "batched": []} if args.syncs_only else {"per_param": [], "batched": [], "raw": []}
+        cpu, memory = {path: [] for path in times}, {path: [] for path in times}
         raw_buffers = []
 
         def timed(path, push):
             cpu_start = busy_cpu_s()
-            times[path].append(push())
+            with PeakRSS(args.server_pid if path != "raw" else None) as rss:
+                times[path].append(push())
             cpu[path].append(busy_cpu_s() - cpu_start)
+            memory[path].append(rss.extra)
 
         def per_param():
             start = time.perf_counter()
@@ -188,19 +239,21 @@ def main():
         for _ in range(args.repeats):
             timed("per_param", per_param)
             timed("batched", batched)
-            timed("raw", lambda: raw_push(group, buckets, raw_buffers))
+            if not args.syncs_only:
+                timed("raw", lambda: raw_push(group, buckets, raw_buffers))
         stalls = {"drain": [], "keep": []}
-        for r in range(args.repeats):  # alternating which goes first
+        for r in range(0 if args.syncs_only else args.repeats):  # alternating which goes first
             for mode in (("drain", "keep") if r % 2 == 0 else ("keep", "drain")):
                 stalls[mode].append(stall(args.url, client, named, mode == "keep", args.rollouts, args.rollout_tokens))
         client.pause_mode = "wait"
         client.close_communicator()
         after = client.generate(**probe)["completion_ids"]
         client.close()
-        group.shutdown()
-        recv.wait(60)
+        if recv is not None:
+            group.shutdown()
+            recv.wait(60)
     finally:
-        if recv.poll() is None:
+        if recv is not None and recv.poll() is None:
             recv.kill()
             recv.wait()
     result = {"params": sum(t.numel() for _, t in named), "tensors": len(named), "bytes": total_bytes,
@@ -208,7 +261,8 @@ def main():
               "times_s": times, **{f"{k}_s": median(v) for k, v in times.items()},
               "cpu_s": {k: median(v) for k, v in cpu.items()}, "cpu_count": os.cpu_count(),
               "weights_intact": before == after, "stall_s": {k: median(v) for k, v in stalls.items()},
-              "stall_times_s": stalls, "rollouts": [args.rollouts, args.rollout_tokens]}
+              "stall_times_s": stalls, "rollouts": [args.rollouts, args.rollout_tokens],
+              "peak_extra_bytes": {k: median(v) if None not in v else None for k, v in memory.items()}}
     result["gb_per_s"] = {k: total_bytes / 1e9 / result[f"{k}_s"] for k in times}
     text = json.dumps(result, indent=1)
     if args.out:

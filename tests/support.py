@@ -213,12 +213,13 @@ class Server:
     """`python vllm_serve.py` (kind "ours") or stock `vllm serve` (kind "stock") as a subprocess on a free
     loopback port, logging to a file. `launch()` returns at once, `wait_healthy()` polls /health."""
 
-    def __init__(self, model, *args, kind="ours", log_dir, name=None, env=None, served_name="tiny"):
+    def __init__(self, model, *args, kind="ours", log_dir, name=None, env=None, served_name="tiny", script=None):
         self.kind, self.model, self.name = kind, model, name or kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = pathlib.Path(log_dir) / f"{self.name}-{self.port}.log"
-        entry = [str(ROOT / "vllm_serve.py")] if kind == "ours" else ["-m", "vllm.entrypoints.openai.api_server"]
+        script = script or ROOT / "vllm_serve.py"  # bench/ runs an earlier commit's copy beside it
+        entry = [str(script)] if kind == "ours" else ["-m", "vllm.entrypoints.openai.api_server"]
         extra = STOCK_ARGS if kind == "stock" else OURS_ARGS
         self.args = [sys.executable, *entry, "--model", model, "--served-model-name", served_name,
                      "--host", "127.0.0.1", "--port", str(self.port), *extra, *args]

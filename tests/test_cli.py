@@ -5,6 +5,7 @@ and flags, the refused layout flags, a YAML `--config` with an `env:` mapping, a
 import json
 import os
 import socket
+import types
 
 import pytest
 
@@ -42,6 +43,24 @@ def test_layout_flags_that_cannot_hold_over_one_pool_are_refused(models, flags, 
     with pytest.raises(SystemExit) as info:
         vllm_serve.parse_args(["--model", models["seed0"], *flags])
     assert info.value.code == 2 and "one server per node" in capsys.readouterr().err
+
+
+def test_device_ids_with_several_replicas_are_refused_and_every_worker_takes_a_rank(models, capsys):
+    """--device-ids would keep the whole list in every replica, whose GPUs are narrowed to its own: refused with
+    DP > 1. Weight-sync ranks count every worker of a replica (tensor x pipeline parallel), not TP alone."""
+    with pytest.raises(SystemExit) as info:
+        vllm_serve.parse_args(["--model", models["seed0"], "--data-parallel-size", "2", "--device-ids", "0,1"])
+    assert info.value.code == 2 and "CUDA_VISIBLE_DEVICES" in capsys.readouterr().err
+    assert vllm_serve.parse_args(["--model", models["seed0"], "--device-ids", "1"]).device_ids
+
+    class TwoReplicas(list):  # of tp 2 x pp 2 workers each, as Replica.info reports them
+        infos = [{"workers": 4}] * 2
+
+    sync = vllm_serve.WeightSync.__new__(vllm_serve.WeightSync)
+    sync.replicas, sync.backend = TwoReplicas([0, 1]), "gloo"
+    sync.args, sync.counter = types.SimpleNamespace(weight_sync_timeout=5), types.SimpleNamespace(name="abort")
+    assert sync.world_size == 8
+    assert [sync.spec(replica, rank=1)["rank"] for replica in range(2)] == [1, 5]  # stock's rank_offset 1
 
 
 def test_yaml_config_exports_env_and_sets_flags(models, tmp_path, monkeypatch):

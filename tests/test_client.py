@@ -6,6 +6,7 @@ TRL's client tests (tests/test_vllm_client_server.py) adapted, plus exact compar
 """
 
 import base64
+import contextlib
 import http.server
 import io
 import json
@@ -190,7 +191,7 @@ def test_client_buckets_match_server_buckets():
     for bucket_bytes in (1, 4000, 8192, 1 << 20):
         client = [[id(t) for t in b] for b in vllm_client._buckets(named, bucket_bytes)]
         server = [[id(dict(named)[name]) for name, *_ in tensors]
-                  for _, tensors in vllm_serve.weight_buckets(metas, bucket_bytes)]
+                  for _, _, tensors in vllm_serve.transfer_plan(metas, "buckets", bucket_bytes)]
         assert client == server
 
 
@@ -220,13 +221,12 @@ def test_client_packing_reads_back_exactly_with_the_server_layout():
 
     for bucket_bytes in (1, 48, 200, 1 << 20):
         loaded.clear()
-        vllm_client._broadcast_buckets(Group(), 1, vllm_client._buckets(named, bucket_bytes), [])
-        worker = vllm_serve.WeightSyncWorkerExtension()
-        worker.weight_device = torch.device("cpu")
-        worker._broadcast = lambda buffer: buffer.copy_(sent.pop(0))  # fails on a size mismatch
-        worker._load = loaded.extend
-        worker.close_reload = lambda: True
-        worker.update_named_params(metas, bucket_bytes)
+        vllm_client._broadcast_buckets(Group(), 1, vllm_client._buckets(named, bucket_bytes), [], lambda w: w.wait())
+        engine = vllm_serve.WeightEngine(types.SimpleNamespace(load_weights=loaded.extend), None, torch.device("cpu"))
+        engine.group, engine.buffer_device, engine.begin = "a group", torch.device("cpu"), lambda: 0
+        engine._configured = contextlib.nullcontext
+        engine._broadcast = lambda buffer, epoch: buffer.copy_(sent.pop(0))  # fails on a size mismatch
+        engine.receive(vllm_serve.transfer_plan(metas, "buckets", bucket_bytes), 0)
         assert not sent and [n for n, _ in loaded] == [n for n, _ in named]
         for (_, got), (_, want) in zip(loaded, named):
             assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
@@ -258,7 +258,7 @@ def test_bucket_sender_packs_in_order_and_never_reuses_a_buffer_on_the_wire():
     buffers = []
     for bucket_bytes in (4000, 1, 1 << 20):  # several buckets; one tensor each; then one bucket bigger than before
         group, buckets = Group(), vllm_client._buckets(named, bucket_bytes)
-        vllm_client._broadcast_buckets(group, 3, buckets, buffers)
+        vllm_client._broadcast_buckets(group, 3, buckets, buffers, lambda work: work.wait())
         expected = [torch.cat([torch.cat([b, torch.zeros(-b.numel() % 16, dtype=torch.uint8)])  # padded to 16 bytes
                                for b in (t.view(-1).view(torch.uint8) for t in bucket)]) for bucket in buckets]
         assert len(group.sent) == len(expected) and all(torch.equal(a, b) for a, b in zip(group.sent, expected))
@@ -356,9 +356,9 @@ def test_timeout_surfaces_and_a_post_is_never_resent():
             with pytest.raises(VLLMClientError) as info:
                 c.generate(PROMPTS)
             assert info.value.status_code is None and "no answer within 0.5 s" in info.value.message
-            with pytest.raises(VLLMClientError):
-                c.update_named_params([])
-        assert stub.posts() == ["/v1/completions", "/update_named_params"]
+            with pytest.raises(VLLMClientError, match="init_communicator"):
+                c.update_named_params([])  # no group: refused before anything is sent
+        assert stub.posts() == ["/v1/completions"]
 
 
 def test_error_bodies_auth_header_and_legacy_image_route(monkeypatch):

@@ -178,9 +178,11 @@ def test_weight_sync_input_errors(server):
     assert response.status_code == 400 and response.json()["error"]["param"] == "port"
     response = server.post("/update_named_params", {"params": [{"name": "model.norm.weight"}]})
     assert response.status_code == 400
-    with pytest.raises(VLLMClientError) as info:
-        VLLMClient(base_url=server.url, connection_timeout=30).update_named_params([])
-    assert info.value.status_code in (400, 409)
+    with pytest.raises(VLLMClientError, match="init_communicator"):
+        VLLMClient(base_url=server.url, connection_timeout=30).update_named_params([])  # refused by the client
+    response = server.post("/update_named_params", {"params": [{"name": "model.norm.weight", "dtype": "torch.float32",
+                                                                "shape": [128]}], "layout": 2})
+    assert response.status_code == 409 and "init_communicator" in response.json()["error"]["message"]
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
 
 

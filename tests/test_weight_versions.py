@@ -159,3 +159,56 @@ def test_an_empty_update_changes_nothing(server, trainer, expected):
     assert (after["version"], after["commits"], after["state"]) == (before["version"], before["commits"], "idle")
     tokens = [ids for ids, _ in versioned(server)]
     assert tokens in (expected["seed0"], expected["seed1"])
+
+
+def test_an_update_without_pause_freezes_running_requests_and_holds_new_ones(server, trainer, models, expected,
+                                                                             reference_llm, tokenizer):
+    """TRL 1.16's `weight_update()`: /start_weight_update with no /pause, while greedy streams run and more
+    requests arrive. Nothing steps through a half-loaded model: every request ends with 200, and its tokens
+    are exact for the versions its spans name (a stream that crossed: the old weights' tokens up to the
+    switch, then the new weights' continuation of that prefix)."""
+    current, new = serving(server, expected)
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:4]]
+    running = [([], threading.Event()) for _ in prompts]
+    for prompt, (chunks, done) in zip(prompts, running):
+        stream(server, {"prompt": prompt, "max_tokens": 300, **GREEDY, "return_weight_versions": True}, chunks, done)
+    wait_until(lambda: all(chunks for chunks, _ in running), "every stream's first token")
+    assert server.post("/start_weight_update", {}).status_code == 200
+    arriving = {}
+    threads = [threading.Thread(target=lambda i=i: arriving.update({i: server.post("/v1/completions", {
+        "prompt": prompts[i], "max_tokens": MAX_TOKENS, **GREEDY, "return_weight_versions": True})}))
+        for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    server.wait_for_health(lambda h: h["requests_waiting"] == len(prompts))
+    named = checkpoint(models[new])
+    info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in named],
+            "shapes": [list(t.shape) for _, t in named]}
+    update = threading.Thread(target=lambda: arriving.update(update=server.post("/update_weights",
+                                                                                {"update_info": info})))
+    update.start()
+    from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+    tensors = iter(named)
+    while (chunk := pack_tensors(tensors, lambda item: item[1], trainer.packed_bytes)) is not None:
+        trainer.communicator.broadcast(chunk.packed_tensor, root=0).wait()
+    update.join(HANG_S)
+    assert arriving["update"].status_code == 200, arriving["update"].text
+    assert server.post("/finish_weight_update", {"weight_version": "frozen-" + new}).status_code == 200
+    for thread in threads:
+        thread.join(HANG_S)
+    for i, prompt in enumerate(prompts):
+        response = arriving[i]
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["weight_versions"] == spans("frozen-" + new)  # waited at the gate: all new weights
+        assert choice["token_ids"] == greedy_ids(reference_llm(models[new]), [prompt], MAX_TOKENS)[0]
+    for prompt, (chunks, done) in zip(prompts, running):
+        assert done.wait(HANG_S)
+        tokens = [t for c in chunks for t in c["choices"][0]["token_ids"] or ()]
+        versions = chunks[-1]["choices"][0]["weight_versions"]
+        assert len(tokens) == 300 and versions[-1]["version"] == "frozen-" + new, versions
+        switch = versions[-1]["start"]
+        assert tokens[:switch] == greedy_ids(reference_llm(models[current]), [prompt], 300)[0][:switch]
+        assert tokens[switch:] == greedy_ids(reference_llm(models[new]), [prompt + tokens[:switch]],
+                                             300 - switch)[0]
