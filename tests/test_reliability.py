@@ -39,8 +39,9 @@ CHAT = support.CHATS[0]
 MAX_TOKENS = 8
 CASE_TIMEOUT_S = 60  # one fuzz case; longer is a hang
 BODYLESS_ROUTES = {"/reset_prefix_cache", "/close_communicator", "/metrics", "/ping", "/load", "/version", "/pause",
-                   "/resume", "/shutdown_weight_transfer_engine", "/start_weight_update", "/abort_weight_update"}  # read
-#                  no body: any POST answers 200
+                   "/resume", "/shutdown_weight_transfer_engine", "/start_weight_update", "/abort_weight_update",
+                   "/finish_weight_update"}  # read no body (or, as FastAPI's optional ones, none that is not JSON):
+#                  any POST answers 200
 FUZZ_EXAMPLES = {"generation": 160, "weight_sync": 60, "raw_http": 60}
 FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                      suppress_health_check=list(HealthCheck))

@@ -266,9 +266,9 @@ def test_an_init_during_a_transfer_rolls_it_back_at_once_and_the_new_group_syncs
         assert update["r"].status_code == 409 and "aborted" in update["r"].text, update["r"].text
         assert server.health()["weights"]["last"]["outcome"] == "rolled back"
         assert greedy(server) == expected["seed0"]
-        with pytest.raises(VLLMClientError) as info:  # the silent trainer, back: its group was replaced
+        with pytest.raises(VLLMClientError) as refused:  # the silent trainer, back: its group was replaced
             silent.update_named_params(named)
-        assert info.value.status_code == 409 and "replaced" in info.value.message
+        assert refused.value.status_code == 409 and "replaced" in refused.value.message
         client.update_named_params(named)
         client.reset_prefix_cache()
         assert greedy(server) == expected["seed1"]

@@ -8,7 +8,8 @@ complete sync from a new trainer process gives the new weights' exact output, an
 
 A trainer process (tests/trainer.py) runs the real VLLMClient; its faults are injected under the client, at
 torch's ProcessGroup.broadcast. The process that makes the recovery sync of one case is the faulty trainer of
-the next, so each case starts one trainer.
+the next, so each case starts one trainer; and the next one is always started ahead (`spare`), importing torch
+and vLLM while the current case runs.
 """
 
 import concurrent.futures
@@ -25,7 +26,7 @@ import pytest
 from support import GREEDY, HANG_S, PROMPTS, ROOT, checkpoint, free_port, greedy_ids
 from vllm_client import VLLMClient, VLLMClientError
 
-TIMEOUT_S = 10  # the servers' --weight-sync-timeout: the stalled and uncommitted cases wait this long
+TIMEOUT_S = 6  # the servers' --weight-sync-timeout: the stalled and uncommitted cases wait this long
 MAX_TOKENS = 12
 OTHER = {"seed0": "seed1", "seed1": "seed0"}
 
@@ -33,17 +34,20 @@ OTHER = {"seed0": "seed1", "seed1": "seed0"}
 class Trainer:
     """tests/trainer.py as a subprocess: started joined to the server's group, then told syncs on stdin."""
 
-    def __init__(self, server, dialect, join=True):
+    def __init__(self, server, dialect):
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "trainer.py"), server.url,
                                       str(free_port()), dialect], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=os.environ)
-        assert self.answer() == {"ready": True}
-        if join:
-            self.join()
+        self.ready = False
 
     def join(self):
+        """Once it is up (it prints "ready" after its imports), join the server's group."""
+        if not self.ready:
+            assert self.answer() == {"ready": True}
+            self.ready = True
         self.tell({"init": True})
         assert self.answer() == {"ok": True}
+        return self
 
     def tell(self, order):
         self.proc.stdin.write(json.dumps(order) + "\n")
@@ -81,6 +85,7 @@ class Served:
     expected: dict
     current: str = "seed0"
     trainer: Trainer = None
+    spare: Trainer = None  # the next trainer, started ahead
     load_file: object = None
 
     def weights(self):
@@ -98,11 +103,12 @@ class Served:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             return list(pool.map(one, PROMPTS))
 
-    def next_trainer(self):
+    def next_trainer(self, join=True):
+        """The spare, joined (the old trainer stopped first: it leaves its group at exit); a new spare starts."""
         if self.trainer is not None:
             self.trainer.stop()
-        self.trainer = Trainer(self.server, self.dialect)
-        return self.trainer
+        self.trainer, self.spare = self.spare or Trainer(self.server, self.dialect), Trainer(self.server, self.dialect)
+        return self.trainer.join() if join else self.trainer
 
     def recover(self, target):
         """A complete sync from a new trainer process: exact output of `target`, the version one up."""
@@ -132,7 +138,8 @@ def served(request, models, start_server, expected, tmp_path_factory):
     assert state.greedy_each() == expected["seed0"]
     state.next_trainer()
     yield state
-    state.trainer.stop()
+    for trainer in (state.trainer, state.spare):
+        trainer.stop()
     server.stop()
 
 
@@ -231,7 +238,9 @@ def test_a_trainer_restarted_mid_update_rolls_it_back_at_once(served):
     out), and its first complete sync is exact."""
     counts = (served.weights()["commits"], served.weights()["rollbacks"])
     version, target, stalled = served.version(), OTHER[served.current], served.trainer
-    restarted = Trainer(served.server, served.dialect, join=False)  # up, not joined yet
+    restarted, served.spare = served.spare, Trainer(served.server, served.dialect)
+    assert restarted.answer() == {"ready": True}  # up, not joined yet
+    restarted.ready = True
     stalled.tell({"model": served.models[target], "batched": True, "fault": "stall", "at": 3})
     assert stalled.answer() == {"fault": "stall", "at": 3}
     restarted.join()
