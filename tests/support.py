@@ -163,9 +163,19 @@ def tokenizer_of(model):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range: a server binds its port only once its replicas
+    loaded, and meanwhile an outgoing connection or a port-0 listener (vLLM's, gloo's) never takes one of these."""
+    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if os.path.exists("/proc/sys/net/ipv4/ip_local_port_range") else 32768
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_until(predicate, what, timeout=HANG_S):

@@ -73,19 +73,9 @@ def test_stock_dialect_syncs_exactly_and_one_group_is_open_at_a_time(models, sta
         server.stop()
 
 
-def test_stock_dialect_data_parallel_2_and_tied_embeddings(models, start_server, expected):
-    """Each replica's workers take their own ranks (rank_offset rewritten per replica); one update reaches
-    both. Then a tied model in its own server: only the embedding is sent, the head follows it."""
-    server = start_server(models["seed0"], "--data-parallel-size", "2", name="rl-dp2", env=MP)
-    try:
-        client = stock_client(server)
-        client.update_named_params(checkpoint(models["seed1"]))
-        client.reset_prefix_cache()
-        for rank in ("0", "1"):
-            assert greedy(server, {"X-data-parallel-rank": rank}) == expected["seed1"]
-        client.close_communicator()
-    finally:
-        server.stop()
+def test_stock_dialect_syncs_a_tied_model(models, start_server, expected):
+    """Only the embedding is sent; the tied head follows it. (Data parallel 2 in this dialect, every replica
+    exact after every sync: tests/test_weight_faults.py.)"""
     tied = start_server(models["tied0"], name="rl-tied", env=MP)
     try:
         client = stock_client(tied)

@@ -95,13 +95,15 @@ class Served:
         return int(self.server.get("/weight_info").json()["weight_version"].replace("default", "0"))
 
     def greedy_each(self):
-        """Eight greedy requests at once, one prompt each → their token ids, in prompt order."""
-        def one(prompt):
-            body = self.server.post("/v1/completions", {"prompt": prompt, "max_tokens": MAX_TOKENS, **GREEDY}).json()
+        """Eight greedy requests at once, one prompt each, alternately pinned to replica 0 and 1 → their token
+        ids, in prompt order."""
+        def one(i):
+            body = self.server.post("/v1/completions", {"prompt": PROMPTS[i], "max_tokens": MAX_TOKENS, **GREEDY},
+                                    headers={"X-data-parallel-rank": str(i % 2)}).json()
             return body["choices"][0]["token_ids"]
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            return list(pool.map(one, PROMPTS))
+            return list(pool.map(one, range(len(PROMPTS))))
 
     def next_trainer(self, join=True):
         """The spare, joined (the old trainer stopped first: it leaves its group at exit); a new spare starts."""
@@ -127,13 +129,22 @@ def expected(models, reference_llm):
     return refs
 
 
-@pytest.fixture(scope="module", params=["legacy", "stock"])
-def served(request, models, start_server, expected, tmp_path_factory):
-    """The load fault of TRL's dialect needs the fault plugin (tests/faults.py) in the workers."""
+@pytest.fixture(scope="module")
+def launched(models, start_server, tmp_path_factory):
+    """Both dialects' servers, launched together (each waits for its first test). The load fault of TRL's
+    dialect needs the fault plugin (tests/faults.py) in the workers."""
     load_file = tmp_path_factory.mktemp("faults") / "fail-load"
-    server = start_server(models["seed0"], "--data-parallel-size", "2", "--weight-sync-timeout", str(TIMEOUT_S),
-                          "--logits-processors", "faults:FailingLogitsProcessor", name=f"faults-{request.param}",
-                          env={"PYTHONPATH": str(ROOT / "tests"), "FAULTS_LOAD_FILE": str(load_file)})
+    return {dialect: (start_server(models["seed0"], "--data-parallel-size", "2", "--weight-sync-timeout",
+                                   str(TIMEOUT_S), "--logits-processors", "faults:FailingLogitsProcessor",
+                                   name=f"faults-{dialect}", wait=False,
+                                   env={"PYTHONPATH": str(ROOT / "tests"), "FAULTS_LOAD_FILE": str(load_file)}),
+                      load_file) for dialect in ("legacy", "stock")}
+
+
+@pytest.fixture(scope="module", params=["legacy", "stock"])
+def served(request, launched, models, expected):
+    server, load_file = launched[request.param]
+    server.wait_healthy()
     state = Served(server, request.param, models, expected, load_file=load_file)
     assert state.greedy_each() == expected["seed0"]
     state.next_trainer()
