@@ -101,6 +101,10 @@ BELL_POLL_S = 0.002  # how often a replica waiting for its engine's output looks
 ROUND_MAX_STEPS = 64  # engine steps one round collects once it has an output; more are left for the next
 REPLICA_START_TIMEOUT_S = 1800.0  # model download + load + warmup of the slowest replica
 REPLICA_POLL_S = 1.0  # how often a waiting pipe read checks that the replica is still alive
+QUEUE_SPIN_S = 0.1  # on CPU, how long a reader of vLLM's shared-memory queues busy-waits after a read (vLLM:
+#                     1 s). Engine steps come closer together than this, so generation keeps vLLM's latency
+QUEUE_RECHECK_MS = 50  # how often a waiting reader looks again for a message whose wake-up was lost
+#                        (vLLM: 5000; a look costs microseconds)
 WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails the sync after this
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of the batched weight update (client may choose)
 WEIGHT_ALIGN_BYTES = 16  # each tensor of a bucket starts at a multiple of this: a view as dtype needs an offset
@@ -125,6 +129,27 @@ OPEN_PATHS = {"/health", "/ping", "/metrics"}  # answered without the API key: p
 VERSION_SPANS = contextvars.ContextVar("version_spans", default=None)
 TRAINER_HEADER = b"x-weight-sync-group"  # our client names its group in every call; TRL's clients send none
 TRAINER = contextvars.ContextVar("trainer", default=None)  # that name, for the request being served
+
+
+def quiet_queues():
+    """vLLM's shared-memory message queues (engine <-> workers) busy-wait less on CPU. Each reader spins for 1 s
+    after every read, and on CPU the core it spins on is the model's compute: on 2 cores, a DP-2 server's
+    spinning held its workers and a local trainer back ~1 s at every weight-sync step (27 per-parameter steps
+    of stock's dialect: 13 s; 1.2 s with QUEUE_SPIN_S). A reader past its spin waits for the writer's
+    wake-up, which vLLM can lose (a zmq PUB with SNDHWM=1; it looks again every 5 s), so it looks every
+    QUEUE_RECHECK_MS, on every device. (Without any spin, a wake-up was lost at almost every engine step.)
+    Run before the engine's queues exist: every process of a replica (vLLM spawns its EngineCore and workers)
+    imports this file first, as the main module of a spawn, and workers again for the extension class."""
+    from vllm.distributed.device_communicators import shm_broadcast
+    from vllm.platforms import current_platform
+
+    shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = QUEUE_RECHECK_MS
+    if current_platform.is_cpu():  # on GPU the spin is vLLM's latency choice, and costs no compute
+        shm_broadcast.SpinCondition.__init__.__defaults__ = (QUEUE_SPIN_S,)  # busy_loop_s
+
+
+quiet_queues()
+
 
 class APIError(GracefulHTTPError):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Raised under one of

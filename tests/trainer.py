@@ -5,8 +5,10 @@ then runs the syncs it is told on stdin (one JSON object per line), answering ea
     {"init": true}      (first: join the group)
     {"model": DIR, "batched": true, "fault": null | "die" | "stall" | "die-before-commit", "at": K | "last"}
 
-A fault makes it die (os._exit) or stall (sleep for an hour, alive) right before its K-th weight broadcast, or
-die after its last broadcast but before the commit. The broadcast is intercepted at torch's ProcessGroup class,
+A fault makes it die (os._exit) or stall (sleep for an hour, alive) right before its K-th weight broadcast, once
+the server reports the update receiving (the announce that precedes the broadcasts is sent from another thread,
+and a trainer that died before it reached the server began no update), or die after its last broadcast but
+before the commit. The broadcast is intercepted at torch's ProcessGroup class,
 under the client, so the client's own code runs as in a real trainer.
 """
 
@@ -15,12 +17,15 @@ import os
 import sys
 import time
 
+import requests
 import torch
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import vllm_client  # noqa: E402
 from support import checkpoint  # noqa: E402
+from vllm.distributed import utils  # noqa: E402, F401  (imported before "ready", as a TRL trainer has: ~2.5 s)
+from vllm.distributed.weight_transfer import packed_tensor  # noqa: E402, F401
 from vllm_client import VLLMClient  # noqa: E402
 
 BUCKET_BYTES = 200_000  # the tiny model (2.2 MB) then takes about a dozen broadcasts in either dialect
@@ -41,7 +46,16 @@ def broadcasts(client, named, batched):
     return count
 
 
-def arm(order, total):
+def receiving(url):
+    """Wait until the server at `url` reports an update receiving (bounded: the tests' hang guard)."""
+    for _ in range(3000):
+        if requests.get(url + "/health", timeout=10).json()["weights"]["state"] == "receiving":
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the server never reported the update receiving")
+
+
+def arm(order, total, url):
     """Install the fault `order` asks for."""
     fault, at = order.get("fault"), order.get("at")
     if fault == "die-before-commit":
@@ -54,6 +68,7 @@ def arm(order, total):
         def broadcast(self, *args, **kwargs):
             seen[0] += 1
             if seen[0] == at:
+                receiving(url)
                 print(json.dumps({"fault": fault, "at": at}), flush=True)
                 if fault == "die":
                     os._exit(1)
@@ -75,7 +90,7 @@ def main():
             print(json.dumps({"ok": True}), flush=True)
             continue
         named = checkpoint(order["model"])
-        arm(order, broadcasts(client, named, order["batched"]))
+        arm(order, broadcasts(client, named, order["batched"]), url)
         try:
             if order["batched"]:
                 client.update_named_params(named, bucket_bytes=BUCKET_BYTES)
