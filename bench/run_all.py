@@ -308,13 +308,34 @@ def run_sync(server, path, args, name="weight_sync", extra=()):
     return result
 
 
+# BASELINE runs with today's settings of vLLM's message queues (vllm_serve.quiet_queues, run where the
+# baseline's module-level code runs in every process), so that the ratio is the transaction's alone
+BASELINE_QUEUES = """
+from vllm.distributed.device_communicators import shm_broadcast as _queues  # added by bench/run_all.py
+from vllm.platforms import current_platform as _platform
+
+_queues.SHM_READER_RECHECK_INTERVAL_MS = {recheck}
+if _platform.is_cpu():
+    _queues.SpinCondition.__init__.__defaults__ = ({spin},)
+
+"""
+
+
 def baseline_files():
     """BASELINE's vllm_serve.py and vllm_client.py, from git, in their own directory → that directory."""
+    import re
+
     where = RESULTS / f"baseline-{BASELINE}"
     where.mkdir(parents=True, exist_ok=True)
+    ours = (common.ROOT / "vllm_serve.py").read_text()
+    queues = BASELINE_QUEUES.format(**{key: re.search(rf"^QUEUE_{key.upper()}_\w* = ([\d.]+)", ours, re.M).group(1)
+                                       for key in ("recheck", "spin")})
     for name in ("vllm_serve.py", "vllm_client.py"):
         text = subprocess.run(["git", "show", f"{BASELINE}:{name}"], cwd=str(common.ROOT), capture_output=True,
                               text=True, check=True).stdout
+        if name == "vllm_serve.py":
+            head, main = text.rsplit('\nif __name__ == "__main__":', 1)
+            text = f'{head}\n{queues}\nif __name__ == "__main__":{main}'
         (where / name).write_text(text)
     return where
 

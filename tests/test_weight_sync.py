@@ -41,7 +41,19 @@ def connect(server):
     return client
 
 
-def test_per_parameter_then_batched_sync_are_exact(models, start_server, expected):
+def mixed_checkpoint(base_dir, replaced, out_dir):
+    """A copy of the model at `base_dir` with the tensors `replaced` {name: tensor} → its directory."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(base_dir, out_dir)
+    tensors = dict(checkpoint(base_dir)) | replaced
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def test_per_parameter_then_batched_sync_are_exact(models, start_server, expected, reference_llm, tmp_path):
     server = start_server(models["seed0"], name="sync")
     try:
         assert greedy(server) == expected["seed0"]
@@ -60,6 +72,31 @@ def test_per_parameter_then_batched_sync_are_exact(models, start_server, expecte
             assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
         client.update_named_params(checkpoint(models["seed1"]))
         assert greedy(server) == expected["seed1"]
+        # TRL's per-parameter protocol may send part of a layer: the parts not sent keep their old values.
+        # Layer 0: q, k, v weights and the q bias; the k and v biases keep seed 1's (merged on any device).
+        seed0 = dict(checkpoint(models["seed0"]))
+        attn = "model.layers.{}.self_attn.{}_proj.{}"
+        sent = {attn.format(0, p, "weight"): seed0[attn.format(0, p, "weight")] for p in "qkv"}
+        sent[attn.format(0, "q", "bias")] = seed0[attn.format(0, "q", "bias")]
+        for name, tensor in sent.items():
+            client.update_named_param(name, tensor)
+        client.reset_prefix_cache()
+        assert server.health()["weights"]["last"]["unchanged_layers"] == []
+        mixed = mixed_checkpoint(pathlib.Path(models["seed1"]), sent, tmp_path / "mixed")
+        assert greedy(server) == greedy_ids(reference_llm(str(mixed)), PROMPTS, MAX_TOKENS) != expected["seed1"]
+        # Layer 1: its q weight alone. CPU's GEMM repacks the fused qkv weight, so k and v cannot be merged into
+        # it: the layer keeps its old weights whole, and the commit names it. (CUDA keeps the checkpoint format,
+        # and merges.) Never uninitialized memory: before, the unsent k and v gave token 0 sixteen times over.
+        client.update_named_param(attn.format(1, "q", "weight"), seed0[attn.format(1, "q", "weight")])
+        client.reset_prefix_cache()
+        unchanged = server.health()["weights"]["last"]["unchanged_layers"]
+        if unchanged:
+            assert unchanged == ["model.layers.1.self_attn.qkv_proj"]
+            assert greedy(server) == greedy_ids(reference_llm(str(mixed)), PROMPTS, MAX_TOKENS)
+        else:
+            merged = mixed_checkpoint(mixed, {attn.format(1, "q", "weight"): seed0[attn.format(1, "q", "weight")]},
+                                      tmp_path / "merged")
+            assert greedy(server) == greedy_ids(reference_llm(str(merged)), PROMPTS, MAX_TOKENS)
         client.close_communicator()
         response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
                                                        "shape": [128]})
