@@ -1258,6 +1258,7 @@ class Replicas:
                 process.join(5)
             if process.is_alive():
                 process.kill()
+                process.join()  # reaped: a zombie left to init outlives us
         stop_processes(left)
         for _ in range(ORPHAN_ROUNDS):  # spawned while their parent was being stopped: adopted by this process
             orphans = spawned_by_us()

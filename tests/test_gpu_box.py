@@ -238,16 +238,14 @@ STAGES = {"replica spawned": replica_spawned, "engine core spawned": named("VLLM
 
 
 def tree_of(pid, seen):
-    """Every descendant of `pid` seen so far (those a stop orphans are no longer descendants)."""
+    """Every descendant of `pid` seen so far (those a stop orphans are no longer descendants): {pid: (process,
+    command line)}. The command line is read while the process runs: one in its exit reads as empty."""
     for process in support.descendants(pid):
-        seen.setdefault(process.pid, process)
-    return list(seen.values())
-
-
-def tracker(process):
-    """multiprocessing's resource tracker: it exits by itself once the last process holding its pipe is gone."""
-    with contextlib.suppress(psutil.Error):
-        return "resource_tracker" in " ".join(process.cmdline())
+        if process.pid not in seen:
+            with contextlib.suppress(psutil.Error):
+                if command := " ".join(process.cmdline()):
+                    seen[process.pid] = (process, command)
+    return [process for process, _ in seen.values()]
 
 
 @pytest.mark.parametrize("stage, signum", [(stage, "SIGTERM") for stage in STAGES] + [("model worker spawned", "SIGINT")])
@@ -276,13 +274,15 @@ def test_a_stop_at_any_stage_of_start_up_leaves_nothing_behind(models, tmp_path,
             server.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: tree_of(server.proc.pid, seen) is not None and server.proc.poll() is not None,
                    "the server's exit")
-        outlived = [p for p in seen.values() if vllm_serve.running(p) and not tracker(p)]
-        assert not outlived, [(p.pid, p.name()) for p in outlived]
-        _, alive = psutil.wait_procs(list(seen.values()), timeout=support.STOP_TIMEOUT_S)
-        assert not alive, [(p.pid, p.name()) for p in alive]
+        # multiprocessing's resource trackers exit by themselves once the last process holding their pipe is gone
+        outlived = [(p.pid, command) for p, command in seen.values()
+                    if vllm_serve.running(p) and "resource_tracker" not in command]
+        assert not outlived
+        _, alive = psutil.wait_procs([p for p, _ in seen.values()], timeout=support.STOP_TIMEOUT_S)
+        assert not alive, [(p.pid, seen[p.pid][1]) for p in alive]
     finally:
         server.stop()
-        for process in seen.values():
+        for process, _ in seen.values():
             with contextlib.suppress(psutil.Error):
                 process.kill()
 
