@@ -34,14 +34,20 @@ GREEDY = dict(temperature=0.0, max_tokens=MAX_TOKENS, generation_kwargs={"ignore
 GPU_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3"]  # graphs on
 
 
-def references(model, engine_kwargs, queue):
-    """In a child process, so that its GPU memory is freed before the server starts: greedy ids of PROMPTS."""
+def references(model, engine_kwargs, queue=None):
+    """Greedy ids of PROMPTS from an in-process `vllm.LLM`; into `queue` when run in a child process."""
     from vllm import LLM
 
-    queue.put(support.greedy_ids(LLM(model=model, **engine_kwargs), PROMPTS, MAX_TOKENS))
+    ids = support.greedy_ids(LLM(model=model, **engine_kwargs), PROMPTS, MAX_TOKENS)
+    return queue.put(ids) if queue else ids
 
 
-def greedy_reference(model, engine_kwargs):
+def greedy_reference(model, engine_kwargs, on_gpu):
+    """On a GPU, in a child process, so that its memory is freed before the server starts. On the CPU, here, in
+    vLLM's in-process layout: four fewer Python processes loading vLLM beside the starting server."""
+    if not on_gpu:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the server's own environment says "1"
+        return references(model, engine_kwargs)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=references, args=(model, engine_kwargs, queue))
@@ -82,7 +88,8 @@ def main(argv=None):
     transport = "nccl" if trainer.startswith("cuda") else "gloo"
     server = support.Server(models[0], *(GPU_ARGS if on_gpu else support.SERVER_ARGS), "--data-parallel-size",
                             str(dp), "--weight-transfer-config", f'{{"backend": "{transport}"}}', log_dir=out,
-                            name="gpu-check", env={"CUDA_VISIBLE_DEVICES": visible} if visible else {})
+                            name="gpu-check", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # vLLM's production layout
+                                                   **({"CUDA_VISIBLE_DEVICES": visible} if visible else {})})
     if not on_gpu:  # CPU: the server starts while the references run; on a GPU they hold it first, then the server
         server.launch()
     results = []
@@ -91,7 +98,7 @@ def main(argv=None):
         results.append((name, "PASS" if passed else "FAIL", detail))
 
     try:
-        expected = {seed: greedy_reference(models[seed], engine) for seed in (0, 1)}
+        expected = {seed: greedy_reference(models[seed], engine, on_gpu) for seed in (0, 1)}
         server.wait_healthy() if server.proc else server.start()
         from vllm_client import VLLMClient
 
@@ -130,5 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's production layout
     sys.exit(main())

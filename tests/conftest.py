@@ -53,12 +53,43 @@ def start_server(tmp_path_factory):
     assert not left, f"processes left behind by servers: {left}"
 
 
-@pytest.fixture(scope="module")
+MP = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+STANDARD_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--trust-request-chat-template"]
+
+
+@pytest.fixture(scope="session")
 def server(models, start_server):
     """The standard tiny server: DP 1, hermes tool parser, auto tool choice, request chat templates allowed, and
-    vLLM's production layout (EngineCore in its own process: the replica overlaps rounds with engine steps)."""
-    srv = start_server(models["seed0"], "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                       "--trust-request-chat-template", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    vLLM's production layout (EngineCore in its own process: the replica overlaps rounds with engine steps).
+    Shared by every module that takes it: a test that changes its weights serves the seed-0 ones again."""
+    srv = start_server(models["seed0"], *STANDARD_FLAGS, env=MP)
+    yield srv
+    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+
+
+@pytest.fixture(scope="session")
+def stock_server(models, start_server):
+    """Stock `vllm serve` with the standard server's flags, as TRL documents it for weight sync: dev mode, and
+    our gloo weight-transfer engine, which vLLM's workers import through vLLM's own extension flag. Shared
+    like `server`, on the same terms."""
+    srv = start_server(models["seed0"], *STANDARD_FLAGS, "--worker-extension-cls",
+                       "vllm_serve.WeightSyncWorkerExtension", "--weight-transfer-config", '{"backend": "gloo"}',
+                       kind="stock", name="stock",
+                       env={**MP, "VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(support.ROOT)})
+    yield srv
+    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+
+
+@pytest.fixture(scope="session")
+def long_server(models, start_server):
+    """A server whose context fits a request of 130k tokens (support.unending), in vLLM's production layout,
+    shared by the modules that need one (a start costs 30-45 s here).
+    - A round without an output never ends by itself (an hour): new requests, aborts and pauses must reach
+      the busy engine through the replicas' bell, or the tests that send them hang.
+    - A pause or a weight sync may hold requests for 10 minutes (--weight-sync-timeout) before they get a 503.
+    Every test that takes it leaves nothing running and the seed-0 weights served."""
+    srv = start_server(models["seed0"], *support.LONG_SERVER_ARGS, "--round-wait-ms", "3600000",
+                       "--weight-sync-timeout", "600", name="long", env=MP)
     yield srv
     assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
 

@@ -267,16 +267,6 @@ def test_bucket_sender_packs_in_order_and_never_reuses_a_buffer_on_the_wire():
 # --- same results from stock vLLM ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def stock_server(models, tmp_path):
-    srv = support.Server(models["seed0"], *support.SERVER_ARGS, kind="stock", log_dir=tmp_path)
-    try:
-        yield srv.start()
-    finally:
-        srv.stop()
-    assert not srv.left_behind, srv.left_behind
-
-
 def test_same_results_as_stock_vllm(client, stock_server):
     with VLLMClient(base_url=stock_server.url) as stock:
         calls = [("generate", PROMPTS, {}), ("chat", CONVERSATIONS, {}),
@@ -404,20 +394,18 @@ def test_legacy_entries_rule():
     assert vllm_client._entries((tok(9), None), [], 0) == [(9, None)]
 
 
-# --- weight sync that changes outputs (a server of its own) -------------------------------------------
+# --- weight sync that changes outputs -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def weights_client(models, start_server):
-    """A second seed-0 server whose weights these tests overwrite, and a client in its weight-sync group."""
-    srv = start_server(models["seed0"], name="weights")
-    try:
-        with VLLMClient(base_url=srv.url, group_port=free_port(), timeout=HANG_S) as c:
-            c.init_communicator(device=0)
-            yield c
-            c.close_communicator()
-    finally:
-        srv.stop()
+def weights_client(models, server):
+    """A client in the shared server's weight-sync group; these tests overwrite its weights, and it leaves the
+    seed-0 ones."""
+    with VLLMClient(base_url=server.url, group_port=free_port(), timeout=HANG_S) as c:
+        c.init_communicator(device=0)
+        yield c
+        push(c, models["seed0"])
+        c.close_communicator()
 
 
 def push(c, model_dir, **kwargs):
@@ -477,26 +465,17 @@ def test_reset_prefix_cache_ends_a_per_parameter_sync_and_serves_the_new_weights
 # --- the retirement path: the same client syncs weights into stock `vllm serve` ------------------------
 
 
-def test_our_client_syncs_weights_into_stock_vllm(models, greedy_refs, tmp_path):
-    """Stock vLLM (TRL's documented dev-mode command line) with our gloo weight-transfer engine, which vLLM's
-    workers import through its own extension flag: the client sees no legacy routes and speaks stock's
-    dialect. Generation and two syncs, each exact: a batched one, and a per-parameter one (its tensors share
-    one weight-update session, ended by reset_prefix_cache(): vLLM rebuilds a fused layer, q/k/v or gate/up,
-    from one session's tensors, and a session per tensor left those layers garbage)."""
-    stock = support.Server(models["seed0"], *support.SERVER_ARGS, "--worker-extension-cls",
-                           "vllm_serve.WeightSyncWorkerExtension", "--weight-transfer-config", '{"backend": "gloo"}',
-                           kind="stock", log_dir=tmp_path, env={"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(ROOT)})
-    try:
-        stock.start()
-        with VLLMClient(base_url=stock.url, group_port=free_port(), timeout=HANG_S) as client:
-            assert greedy(client) == greedy_refs["seed0"]
-            client.init_communicator(device="cpu")
-            assert client.weight_sync == "stock"
-            for name, batched in (("seed1", True), ("seed0", False)):
-                client.update_model_params(Trained(checkpoint(models[name])), batched=batched)
-                client.reset_prefix_cache()
-                assert greedy(client) == greedy_refs[name]
-            client.close_communicator()
-    finally:
-        stock.stop()
-    assert not stock.left_behind, stock.left_behind
+def test_our_client_syncs_weights_into_stock_vllm(models, greedy_refs, stock_server):
+    """The client sees no legacy routes and speaks stock's dialect. Generation and two syncs, each exact: a
+    batched one, and a per-parameter one (its tensors share one weight-update session, ended by
+    reset_prefix_cache(): vLLM rebuilds a fused layer, q/k/v or gate/up, from one session's tensors, and a
+    session per tensor left those layers garbage)."""
+    with VLLMClient(base_url=stock_server.url, group_port=free_port(), timeout=HANG_S) as client:
+        assert greedy(client) == greedy_refs["seed0"]
+        client.init_communicator(device="cpu")
+        assert client.weight_sync == "stock"
+        for name, batched in (("seed1", True), ("seed0", False)):  # seed 0 last: the fixture's promise
+            client.update_model_params(Trained(checkpoint(models[name])), batched=batched)
+            client.reset_prefix_cache()
+            assert greedy(client) == greedy_refs[name]
+        client.close_communicator()

@@ -14,7 +14,6 @@ from support import HANG_S
 
 EXEMPT = {"id", "created", "created_at", "system_fingerprint"}
 TOLERANCE = 1e-3
-FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 GREEDY = {"temperature": 0, "max_tokens": 8}
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the weather in a city.",
@@ -207,14 +206,10 @@ CASES = {"completions": completions(), "chat": chats(), "tools": tools(), "strea
 
 
 @pytest.fixture(scope="module")
-def servers(models, start_server):
-    """Stock vLLM and ours, the same tiny model and flags, both in vLLM's default multiprocess layout."""
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    ours = start_server(models["seed0"], *FLAGS, name="diff-ours", env=env)
-    stock = start_server(models["seed0"], *FLAGS, name="diff-stock", kind="stock", env=env)
-    yield stock, ours
-    for server in (stock, ours):
-        server.stop()
+def servers(stock_server, server):
+    """Stock vLLM and ours (conftest.py), the same tiny model and flags, both in vLLM's default multiprocess
+    layout."""
+    return stock_server, server
 
 
 def send(server, method, path, body):

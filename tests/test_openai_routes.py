@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from support import GREEDY, HANG_S, LONG_SERVER_ARGS, PROMPTS, chat_prompt_ids, dump, greedy_ids, reference, unending
+from support import GREEDY, HANG_S, PROMPTS, chat_prompt_ids, dump, greedy_ids, reference, unending
 
 PROMPTS = PROMPTS[:4]
 WEATHER_TOOL = {"type": "function", "function": {
@@ -115,17 +115,6 @@ def test_64_concurrent_sdk_chats_are_not_cross_wired(server, models, tokenizer):
     for messages, result in zip(conversations, results):
         assert result.prompt_token_ids == chat_prompt_ids(tokenizer, messages)
         assert result.choices[0].finish_reason in ("length", "stop")
-
-
-@pytest.fixture(scope="module")
-def long_server(models, start_server):
-    """A server whose context fits a request of 130k tokens (support.unending), in vLLM's production layout.
-    A round without an output never ends by itself here (an hour): new requests and aborts must reach the
-    busy engine through the replicas' bell, or the tests that send them hang."""
-    srv = start_server(models["seed0"], *LONG_SERVER_ARGS, "--round-wait-ms", "3600000", name="long",
-                       env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
-    yield srv
-    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
 
 
 @pytest.fixture
@@ -364,17 +353,25 @@ def test_bad_requests_do_not_fail_good_ones_in_the_same_batch(server, models, re
     assert server.get("/health").status_code == 200
 
 
-def test_data_parallel_2_matches_dp_1_and_uses_both_workers(server, models, start_server):
-    dp2 = start_server(models["seed0"], "--data_parallel_size", "2", name="dp2")
-    try:
-        body = {"prompt": PROMPTS * 8, "max_tokens": 24, **GREEDY}
-        got = dp2.post("/v1/completions", body).json()
-        want = server.post("/v1/completions", body).json()
-        assert [c["token_ids"] for c in got["choices"]] == [c["token_ids"] for c in want["choices"]]
-        assert dp2.health()["requests_finished_per_rank"] == [16, 16]  # least-loaded first: half on each
-        assert dp2.get("/get_world_size").json()["world_size"] == 2
-    finally:
-        assert dp2.stop() == 0
+@pytest.fixture(scope="module")
+def dp2(models, start_server):
+    """Data parallel 2. A 1 s gathering window puts a burst of requests in one round: 8 requests per rank, the
+    same batch on both, so replicas sharing random streams would show as repeats instead of being hidden by
+    batch shapes."""
+    srv = start_server(models["seed0"], "--data_parallel_size", "2", "--batch_wait_ms", "1000", name="dp2")
+    yield srv
+    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+
+
+def test_data_parallel_2_matches_dp_1_and_uses_both_workers(server, dp2):
+    body = {"prompt": PROMPTS * 8, "max_tokens": 24, **GREEDY}
+    before = dp2.health()["requests_finished_per_rank"]
+    got = dp2.post("/v1/completions", body).json()
+    want = server.post("/v1/completions", body).json()
+    assert [c["token_ids"] for c in got["choices"]] == [c["token_ids"] for c in want["choices"]]
+    after = dp2.health()["requests_finished_per_rank"]
+    assert [a - b for a, b in zip(after, before)] == [16, 16]  # least-loaded first: half on each
+    assert dp2.get("/get_world_size").json()["world_size"] == 2
 
 
 # --- data-parallel sampling ------------------------------------------------------------------------------
@@ -382,35 +379,29 @@ def test_data_parallel_2_matches_dp_1_and_uses_both_workers(server, models, star
 SAMPLED = {"temperature": 1.0, "max_tokens": 16, "ignore_eos": True, "return_token_ids": True}
 
 
-def test_data_parallel_ranks_sample_apart_and_a_seed_samples_alike(models, start_server, reference_llm):
+def test_data_parallel_ranks_sample_apart_and_a_seed_samples_alike(models, dp2, reference_llm):
     """Each DP replica draws its own random numbers: 16 unseeded requests give 16 completions (with one
     seed for every replica, the k-th request on each rank repeated the other's). A request's own `seed`
     gives the same tokens on either rank: those of an in-process engine."""
-    # A 1 s gathering window puts the whole burst in one round: 8 requests per rank, the same batch on
-    # both, so shared random streams would show as repeats instead of being hidden by batch shapes.
-    dp2 = start_server(models["seed0"], "--data_parallel_size", "2", "--batch_wait_ms", "1000", name="dp2-sampling")
-    try:
-        def sample(_):
-            return dp2.post("/v1/completions", {"prompt": PROMPTS[1], **SAMPLED}).json()["choices"][0]["token_ids"]
+    def sample(_):
+        return dp2.post("/v1/completions", {"prompt": PROMPTS[1], **SAMPLED}).json()["choices"][0]["token_ids"]
 
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            completions = list(pool.map(sample, range(16)))
-        assert len({tuple(c) for c in completions}) == 16, completions
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        completions = list(pool.map(sample, range(16)))
+    assert len({tuple(c) for c in completions}) == 16, completions
 
-        # The X-data-parallel-rank header pins a request to a replica: the same seeded request on each.
-        (ref,) = reference(reference_llm(models["seed0"]), [PROMPTS[1]], seed=1234, temperature=1.0,
-                           max_tokens=16, ignore_eos=True)
-        before = dp2.health()["requests_finished_per_rank"]
-        for rank in (0, 1):
-            body = dp2.post("/v1/completions", {"prompt": PROMPTS[1], "seed": 1234, **SAMPLED},
-                            headers={"X-data-parallel-rank": str(rank)}).json()
-            assert body["choices"][0]["token_ids"] == list(ref.outputs[0].token_ids), dump(body)
-        after = dp2.health()["requests_finished_per_rank"]
-        assert [a - b for a, b in zip(after, before)] == [1, 1]
-        response = dp2.post("/v1/completions", {"prompt": PROMPTS[1], **SAMPLED}, headers={"X-data-parallel-rank": "2"})
-        assert response.status_code == 400 and "out of range" in response.json()["error"]["message"], response.text
-    finally:
-        assert dp2.stop() == 0
+    # The X-data-parallel-rank header pins a request to a replica: the same seeded request on each.
+    (ref,) = reference(reference_llm(models["seed0"]), [PROMPTS[1]], seed=1234, temperature=1.0,
+                       max_tokens=16, ignore_eos=True)
+    before = dp2.health()["requests_finished_per_rank"]
+    for rank in (0, 1):
+        body = dp2.post("/v1/completions", {"prompt": PROMPTS[1], "seed": 1234, **SAMPLED},
+                        headers={"X-data-parallel-rank": str(rank)}).json()
+        assert body["choices"][0]["token_ids"] == list(ref.outputs[0].token_ids), dump(body)
+    after = dp2.health()["requests_finished_per_rank"]
+    assert [a - b for a, b in zip(after, before)] == [1, 1]
+    response = dp2.post("/v1/completions", {"prompt": PROMPTS[1], **SAMPLED}, headers={"X-data-parallel-rank": "2"})
+    assert response.status_code == 400 and "out of range" in response.json()["error"]["message"], response.text
 
 
 def test_requests_without_a_rank_go_to_the_least_loaded_replica_and_one_with_a_rank_goes_there():

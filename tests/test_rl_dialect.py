@@ -10,8 +10,7 @@ import threading
 import pytest
 import requests
 
-from support import (GREEDY, HANG_S, LONG_SERVER_ARGS, PROMPTS, Trained, checkpoint, free_port, greedy_ids, unending,
-                     wait_until)
+from support import GREEDY, HANG_S, PROMPTS, Trained, checkpoint, free_port, greedy_ids, unending, wait_until
 from vllm_client import VLLMClient, VLLMClientError
 
 MAX_TOKENS = 12
@@ -26,9 +25,8 @@ def greedy(server, headers=None):
 
 @pytest.fixture(scope="module")
 def expected(models, reference_llm):
-    refs = {name: greedy_ids(reference_llm(models[name]), PROMPTS, MAX_TOKENS)
-            for name in ("seed0", "seed1", "tied0", "tied1")}
-    assert refs["seed0"] != refs["seed1"] and refs["tied0"] != refs["tied1"]
+    refs = {name: greedy_ids(reference_llm(models[name]), PROMPTS, MAX_TOKENS) for name in ("seed0", "seed1")}
+    assert refs["seed0"] != refs["seed1"]
     return refs
 
 
@@ -39,54 +37,52 @@ def stock_client(server, **kwargs):
     return client
 
 
-def test_stock_dialect_syncs_exactly_and_one_group_is_open_at_a_time(models, start_server, expected):
-    server = start_server(models["seed0"], name="rl-sync", env=MP)
-    try:
-        assert greedy(server) == expected["seed0"]
-        client = stock_client(server)
-        client.update_model_params(Trained(checkpoint(models["seed1"])))  # pause(wait), start, update, finish
-        client.reset_prefix_cache()
-        assert greedy(server) == expected["seed1"]
-        with client.weight_update():  # TRL 1.16's block, and its (metadata, iterator) call form
-            named = checkpoint(models["seed0"])
-            client.update_named_params([(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named],
-                                       iter(named))
-        assert greedy(server) == expected["seed0"]
-        assert server.get("/health").json()["paused"] is False
-        # a legacy group replaces the idle stock group, and syncs exactly; then stock's replaces it again
-        legacy = VLLMClient(base_url=server.url, group_port=free_port(), timeout=HANG_S)
-        legacy.init_communicator(device="cpu")
-        legacy.update_named_params(checkpoint(models["seed1"]))
-        assert greedy(server) == expected["seed1"]
-        response = server.post("/update_weights", {"update_info": {"names": [], "dtype_names": [], "shapes": []}})
-        assert response.status_code == 409, response.text  # that group was replaced by the legacy one
-        client = stock_client(server)
-        response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
-                                                       "shape": [128]})
-        assert response.status_code == 409, response.text  # and the legacy group by this one
+@pytest.fixture(scope="module")
+def shared(models, start_server):
+    """One server for the tests below that take `server` (a start costs more than either)."""
+    srv = start_server(models["seed0"], name="rl-sync", env=MP)
+    yield srv
+    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+
+
+@pytest.fixture
+def server(shared, models, expected):
+    """The shared server serving the seed-0 weights again, whatever the test before it left."""
+    if greedy(shared) != expected["seed0"]:
+        client = stock_client(shared)
         client.update_named_params(checkpoint(models["seed0"]))
-        client.reset_prefix_cache()
-        assert greedy(server) == expected["seed0"]
         client.close_communicator()
-        assert server.get("/weight_info").status_code == 200
-    finally:
-        server.stop()
+    assert greedy(shared) == expected["seed0"]
+    return shared
 
 
-def test_stock_dialect_syncs_a_tied_model(models, start_server, expected):
-    """Only the embedding is sent; the tied head follows it. (Data parallel 2 in this dialect, every replica
-    exact after every sync: tests/test_weight_faults.py.)"""
-    tied = start_server(models["tied0"], name="rl-tied", env=MP)
-    try:
-        client = stock_client(tied)
-        named = checkpoint(models["tied1"])
-        assert "lm_head.weight" not in dict(named)
-        client.update_named_params(named)
-        client.reset_prefix_cache()
-        assert greedy(tied) == expected["tied1"]
-        client.close_communicator()
-    finally:
-        tied.stop()
+def test_stock_dialect_syncs_exactly_and_one_group_is_open_at_a_time(models, server, expected):
+    client = stock_client(server)
+    client.update_model_params(Trained(checkpoint(models["seed1"])))  # pause(wait), start, update, finish
+    client.reset_prefix_cache()
+    assert greedy(server) == expected["seed1"]
+    with client.weight_update():  # TRL 1.16's block, and its (metadata, iterator) call form
+        named = checkpoint(models["seed0"])
+        client.update_named_params([(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named],
+                                   iter(named))
+    assert greedy(server) == expected["seed0"]
+    assert server.get("/health").json()["paused"] is False
+    # a legacy group replaces the idle stock group, and syncs exactly; then stock's replaces it again
+    legacy = VLLMClient(base_url=server.url, group_port=free_port(), timeout=HANG_S)
+    legacy.init_communicator(device="cpu")
+    legacy.update_named_params(checkpoint(models["seed1"]))
+    assert greedy(server) == expected["seed1"]
+    response = server.post("/update_weights", {"update_info": {"names": [], "dtype_names": [], "shapes": []}})
+    assert response.status_code == 409, response.text  # that group was replaced by the legacy one
+    client = stock_client(server)
+    response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
+                                                   "shape": [128]})
+    assert response.status_code == 409, response.text  # and the legacy group by this one
+    client.update_named_params(checkpoint(models["seed0"]))
+    client.reset_prefix_cache()
+    assert greedy(server) == expected["seed0"]
+    client.close_communicator()
+    assert server.get("/weight_info").status_code == 200
 
 
 def stream_chunks(server, body, chunks, done):
@@ -119,13 +115,6 @@ def streams_under_way(server, count, max_tokens=3000):
     assert server.post("/resume", {}).status_code == 200
     wait_until(lambda: all(chunks for chunks, _ in streams), "every stream's first token")
     return streams
-
-
-@pytest.fixture(scope="module")
-def long_server(models, start_server):
-    srv = start_server(models["seed0"], *LONG_SERVER_ARGS, "--weight-sync-timeout", "600", name="rl-pause", env=MP)
-    yield srv
-    srv.stop()
 
 
 def test_pause_keep_freezes_running_requests_and_resume_continues_them(long_server):
@@ -196,75 +185,75 @@ def test_keep_during_a_sync_loses_no_stream(models, long_server, expected, refer
     assert [c["token_ids"] for c in body["choices"]] == expected["seed0"]
 
 
-def test_paused_requests_get_503_after_the_timeout_and_the_server_resumes_itself(models, start_server):
+@pytest.fixture(scope="module")
+def short_server(models, start_server):
+    """A short --weight-sync-timeout (5 s), and TRL's documented transfer backend, NCCL, on a CPU server: the
+    tests that take it use no weight transfer."""
+    srv = start_server(models["seed0"], "--weight-sync-timeout", "5", "--weight-transfer-config",
+                       '{"backend": "nccl"}', name="rl-short", env=MP)
+    yield srv
+    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+
+
+def test_paused_requests_get_503_after_the_timeout_and_the_server_resumes_itself(short_server):
     """A request waits for a resume for up to --weight-sync-timeout; a pause nobody ends ends itself that long
     after the last /pause (a trainer that died mid-update)."""
-    server = start_server(models["seed0"], "--weight-sync-timeout", "5", name="rl-timeout", env=MP)
-    try:
-        assert server.post("/pause?mode=keep", {}).status_code == 200
-        answers = {}
-        thread = threading.Thread(target=lambda: answers.update(r=server.post(
-            "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2})))
-        thread.start()
-        server.wait_for_health(lambda h: h["requests_waiting"] == 1)
-        assert server.post("/pause?mode=keep", {}).status_code == 200  # re-armed: it outlasts that request's wait
-        thread.join(HANG_S)
-        response = answers["r"]
-        assert response.status_code == 503 and "paused" in response.json()["error"]["message"], response.text
-        wait_until(lambda: server.get("/is_paused").json() == {"is_paused": False}, "resumed by itself")
-        body = server.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, **GREEDY}).json()
-        assert len(body["choices"][0]["token_ids"]) == 2  # the engines resumed too
-    finally:
-        server.stop()
+    server = short_server
+    assert server.post("/pause?mode=keep", {}).status_code == 200
+    answers = {}
+    thread = threading.Thread(target=lambda: answers.update(r=server.post(
+        "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2})))
+    thread.start()
+    server.wait_for_health(lambda h: h["requests_waiting"] == 1)
+    assert server.post("/pause?mode=keep", {}).status_code == 200  # re-armed: it outlasts that request's wait
+    thread.join(HANG_S)
+    response = answers["r"]
+    assert response.status_code == 503 and "paused" in response.json()["error"]["message"], response.text
+    wait_until(lambda: server.get("/is_paused").json() == {"is_paused": False}, "resumed by itself")
+    body = server.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 2, **GREEDY}).json()
+    assert len(body["choices"][0]["token_ids"]) == 2  # the engines resumed too
 
 
-def test_nccl_on_a_cpu_server_starts_and_its_transfers_are_refused(models, start_server):
+def test_nccl_on_a_cpu_server_starts_and_its_transfers_are_refused(short_server):
     """TRL's documented command line, run here: accepted at start-up; a transfer gets a 400 naming gloo."""
-    server = start_server(models["seed0"], "--weight-transfer-config", '{"backend": "nccl"}', name="rl-nccl")
-    try:
-        config = server.get("/server_info?config_format=json").json()["vllm_config"]
-        assert config["weight_transfer_config"]["backend"] == "nccl"
-        init_info = {"master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2}
-        for path, body in [("/init_weight_transfer_engine", {"init_info": init_info}),
-                           ("/init_communicator", {"host": "127.0.0.1", "port": free_port()})]:
-            response = server.post(path, body)
-            assert response.status_code == 400 and "gloo" in response.json()["error"]["message"], response.text
-        with pytest.raises(VLLMClientError):
-            stock_client(server)
-        assert server.get("/health").status_code == 200
-    finally:
-        server.stop()
+    server = short_server
+    config = server.get("/server_info?config_format=json").json()["vllm_config"]
+    assert config["weight_transfer_config"]["backend"] == "nccl"
+    init_info = {"master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2}
+    for path, body in [("/init_weight_transfer_engine", {"init_info": init_info}),
+                       ("/init_communicator", {"host": "127.0.0.1", "port": free_port()})]:
+        response = server.post(path, body)
+        assert response.status_code == 400 and "gloo" in response.json()["error"]["message"], response.text
+    with pytest.raises(VLLMClientError):
+        stock_client(server)
+    assert server.get("/health").status_code == 200
 
 
-def test_an_init_during_a_transfer_rolls_it_back_at_once_and_the_new_group_syncs(models, start_server, expected):
+def test_an_init_during_a_transfer_rolls_it_back_at_once_and_the_new_group_syncs(models, server, expected):
     """A trainer that started an update and went silent (alive: its group stays open) does not lock out the next
     one: the new /init_weight_transfer_engine ends the workers' wait for the silent broadcast at once, the update
     rolls back (its /update_weights gets a 409 saying so), and the new group syncs exactly."""
-    server = start_server(models["seed0"], name="rl-inflight", env=MP)
-    try:
-        silent = stock_client(server)
-        named = checkpoint(models["seed1"])
-        info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in named],
-                "shapes": [list(t.shape) for _, t in named]}
-        assert server.post("/start_weight_update", {}).status_code == 200
-        update = {}
-        thread = threading.Thread(target=lambda: update.update(r=server.post("/update_weights", {"update_info": info})))
-        thread.start()  # in flight until the trainer broadcasts, which it never does
-        server.wait_for_health(lambda h: h["weights"]["state"] == "receiving")
-        client = stock_client(server)  # the next trainer
-        thread.join(HANG_S)
-        assert update["r"].status_code == 409 and "aborted" in update["r"].text, update["r"].text
-        assert server.health()["weights"]["last"]["outcome"] == "rolled back"
-        assert greedy(server) == expected["seed0"]
-        with pytest.raises(VLLMClientError) as refused:  # the silent trainer, back: its group was replaced
-            silent.update_named_params(named)
-        assert refused.value.status_code == 409 and "replaced" in refused.value.message
-        client.update_named_params(named)
-        client.reset_prefix_cache()
-        assert greedy(server) == expected["seed1"]
-        client.close_communicator()
-    finally:
-        server.stop()
+    silent = stock_client(server)
+    named = checkpoint(models["seed1"])
+    info = {"names": [n for n, _ in named], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in named],
+            "shapes": [list(t.shape) for _, t in named]}
+    assert server.post("/start_weight_update", {}).status_code == 200
+    update = {}
+    thread = threading.Thread(target=lambda: update.update(r=server.post("/update_weights", {"update_info": info})))
+    thread.start()  # in flight until the trainer broadcasts, which it never does
+    server.wait_for_health(lambda h: h["weights"]["state"] == "receiving")
+    client = stock_client(server)  # the next trainer
+    thread.join(HANG_S)
+    assert update["r"].status_code == 409 and "aborted" in update["r"].text, update["r"].text
+    assert server.health()["weights"]["last"]["outcome"] == "rolled back"
+    assert greedy(server) == expected["seed0"]
+    with pytest.raises(VLLMClientError) as refused:  # the silent trainer, back: its group was replaced
+        silent.update_named_params(named)
+    assert refused.value.status_code == 409 and "replaced" in refused.value.message
+    client.update_named_params(named)
+    client.reset_prefix_cache()
+    assert greedy(server) == expected["seed1"]
+    client.close_communicator()
 
 
 def test_the_group_is_hosted_on_an_address_the_server_reaches():

@@ -35,10 +35,31 @@ def expected(models, reference_llm):
     return refs
 
 
-def connect(server):
-    client = VLLMClient(base_url=server.url, group_port=free_port(), connection_timeout=60, timeout=HANG_S)
+def connect(server, **kwargs):
+    client = VLLMClient(base_url=server.url, group_port=free_port(), connection_timeout=60, timeout=HANG_S, **kwargs)
     client.init_communicator(device="cpu")
     return client
+
+
+@pytest.fixture(scope="module")
+def shared(models, start_server):
+    """One server for the tests below that take `server`: a start costs more than most of them. Its deadline
+    is short: a trainer that announces a group and never joins it is given up after 8 s."""
+    srv = start_server(models["seed0"], "--weight_sync_timeout", "8", name="sync")
+    yield srv
+    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+
+
+@pytest.fixture
+def server(shared, models, expected):
+    """The shared server serving the seed-0 weights again, whatever the test before it left (a sync of them
+    when it left others), with no weight-sync group open."""
+    if greedy(shared) != expected["seed0"]:
+        client = connect(shared)
+        client.update_named_params(checkpoint(models["seed0"]))
+        client.close_communicator()
+    assert greedy(shared) == expected["seed0"]
+    return shared
 
 
 def mixed_checkpoint(base_dir, replaced, out_dir):
@@ -53,60 +74,57 @@ def mixed_checkpoint(base_dir, replaced, out_dir):
     return out_dir
 
 
-def test_per_parameter_then_batched_sync_are_exact(models, start_server, expected, reference_llm, tmp_path):
-    server = start_server(models["seed0"], name="sync")
-    try:
-        assert greedy(server) == expected["seed0"]
-        client = connect(server)
-        for name, tensor in checkpoint(models["seed1"]):  # TRL's legacy path: one call + broadcast each
-            client.update_named_param(name, tensor)
-        client.reset_prefix_cache()
-        assert greedy(server) == expected["seed1"]
-        client.update_named_params(checkpoint(models["seed0"]), bucket_bytes=200_000)  # several buckets
-        assert greedy(server) == expected["seed0"]
-        # wrong input is refused before any broadcast starts; the group stays usable
-        for meta, param in [({"name": "model.nope.weight", "dtype": "torch.float32", "shape": [2]}, "name"),
-                            ({"name": "model.norm.weight", "dtype": "torch.float32", "shape": [3]}, "shape"),
-                            ({"name": "model.norm.weight", "dtype": "torch.int8", "shape": [128]}, "dtype")]:
-            response = server.post("/update_named_param", meta)
-            assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
-        client.update_named_params(checkpoint(models["seed1"]))
-        assert greedy(server) == expected["seed1"]
-        # TRL's per-parameter protocol may send part of a layer: the parts not sent keep their old values.
-        # Layer 0: q, k, v weights and the q bias; the k and v biases keep seed 1's (merged on any device).
-        seed0 = dict(checkpoint(models["seed0"]))
-        attn = "model.layers.{}.self_attn.{}_proj.{}"
-        sent = {attn.format(0, p, "weight"): seed0[attn.format(0, p, "weight")] for p in "qkv"}
-        sent[attn.format(0, "q", "bias")] = seed0[attn.format(0, "q", "bias")]
-        for name, tensor in sent.items():
-            client.update_named_param(name, tensor)
-        client.reset_prefix_cache()
-        assert server.health()["weights"]["last"]["unchanged_layers"] == []
-        mixed = mixed_checkpoint(pathlib.Path(models["seed1"]), sent, tmp_path / "mixed")
-        assert greedy(server) == greedy_ids(reference_llm(str(mixed)), PROMPTS, MAX_TOKENS) != expected["seed1"]
-        # Layer 1: its q weight alone. CPU's GEMM repacks the fused qkv weight, so k and v cannot be merged into
-        # it: the layer keeps its old weights whole, and the commit names it. (CUDA keeps the checkpoint format,
-        # and merges.) Never uninitialized memory: before, the unsent k and v gave token 0 sixteen times over.
-        client.update_named_param(attn.format(1, "q", "weight"), seed0[attn.format(1, "q", "weight")])
-        client.reset_prefix_cache()
-        unchanged = server.health()["weights"]["last"]["unchanged_layers"]
-        if unchanged:
-            assert unchanged == ["model.layers.1.self_attn.qkv_proj"]
-            assert greedy(server) == greedy_ids(reference_llm(str(mixed)), PROMPTS, MAX_TOKENS)
-        else:
-            merged = mixed_checkpoint(mixed, {attn.format(1, "q", "weight"): seed0[attn.format(1, "q", "weight")]},
-                                      tmp_path / "merged")
-            assert greedy(server) == greedy_ids(reference_llm(str(merged)), PROMPTS, MAX_TOKENS)
-        client.close_communicator()
-        response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
-                                                       "shape": [128]})
-        assert response.status_code == 409 and "init_communicator" in response.json()["error"]["message"]
-    finally:
-        server.stop()
+def test_per_parameter_then_batched_sync_are_exact(models, server, expected, reference_llm, tmp_path):
+    client = connect(server)
+    for name, tensor in checkpoint(models["seed1"]):  # TRL's legacy path: one call + broadcast each
+        client.update_named_param(name, tensor)
+    client.reset_prefix_cache()
+    assert greedy(server) == expected["seed1"]
+    client.update_named_params(checkpoint(models["seed0"]), bucket_bytes=200_000)  # several buckets
+    assert greedy(server) == expected["seed0"]
+    # wrong input is refused before any broadcast starts; the group stays usable
+    for meta, param in [({"name": "model.nope.weight", "dtype": "torch.float32", "shape": [2]}, "name"),
+                        ({"name": "model.norm.weight", "dtype": "torch.float32", "shape": [3]}, "shape"),
+                        ({"name": "model.norm.weight", "dtype": "torch.int8", "shape": [128]}, "dtype")]:
+        response = server.post("/update_named_param", meta)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    client.update_named_params(checkpoint(models["seed1"]))
+    assert greedy(server) == expected["seed1"]
+    # TRL's per-parameter protocol may send part of a layer: the parts not sent keep their old values.
+    # Layer 0: q, k, v weights and the q bias; the k and v biases keep seed 1's (merged on any device).
+    seed0 = dict(checkpoint(models["seed0"]))
+    attn = "model.layers.{}.self_attn.{}_proj.{}"
+    sent = {attn.format(0, p, "weight"): seed0[attn.format(0, p, "weight")] for p in "qkv"}
+    sent[attn.format(0, "q", "bias")] = seed0[attn.format(0, "q", "bias")]
+    for name, tensor in sent.items():
+        client.update_named_param(name, tensor)
+    client.reset_prefix_cache()
+    assert server.health()["weights"]["last"]["unchanged_layers"] == []
+    mixed = mixed_checkpoint(pathlib.Path(models["seed1"]), sent, tmp_path / "mixed")
+    assert greedy(server) == greedy_ids(reference_llm(str(mixed)), PROMPTS, MAX_TOKENS) != expected["seed1"]
+    # Layer 1: its q weight alone. CPU's GEMM repacks the fused qkv weight, so k and v cannot be merged into
+    # it: the layer keeps its old weights whole, and the commit names it. (CUDA keeps the checkpoint format,
+    # and merges.) Never uninitialized memory: before, the unsent k and v gave token 0 sixteen times over.
+    client.update_named_param(attn.format(1, "q", "weight"), seed0[attn.format(1, "q", "weight")])
+    client.reset_prefix_cache()
+    unchanged = server.health()["weights"]["last"]["unchanged_layers"]
+    if unchanged:
+        assert unchanged == ["model.layers.1.self_attn.qkv_proj"]
+        assert greedy(server) == greedy_ids(reference_llm(str(mixed)), PROMPTS, MAX_TOKENS)
+    else:
+        merged = mixed_checkpoint(mixed, {attn.format(1, "q", "weight"): seed0[attn.format(1, "q", "weight")]},
+                                  tmp_path / "merged")
+        assert greedy(server) == greedy_ids(reference_llm(str(merged)), PROMPTS, MAX_TOKENS)
+    client.close_communicator()
+    response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
+                                                   "shape": [128]})
+    assert response.status_code == 409 and "init_communicator" in response.json()["error"]["message"]
 
 
-def test_tied_embeddings_in_multiprocess_engine(models, start_server, expected):
-    """Tied lm_head must follow the new embedding; run in vLLM's default multiprocess layout."""
+def test_tied_embeddings_follow_in_both_dialects(models, start_server, expected):
+    """A tied lm_head follows the new embedding, the only one of the two a trainer sends: TRL's legacy
+    dialect, then stock's (a trainer of TRL 1.16 that pauses, starts, updates and finishes). In vLLM's
+    multiprocess layout. (Data parallel 2 in both dialects, every replica exact: test_weight_faults.py.)"""
     server = start_server(models["tied0"], name="sync-tied", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     try:
         assert greedy(server) == expected["tied0"]
@@ -116,31 +134,34 @@ def test_tied_embeddings_in_multiprocess_engine(models, start_server, expected):
         client.update_named_params(named)
         assert greedy(server) == expected["tied1"]
         client.close_communicator()
+        client = connect(server, weight_sync="stock")
+        client.update_named_params(checkpoint(models["tied0"]))
+        client.reset_prefix_cache()
+        assert greedy(server) == expected["tied0"]
+        client.close_communicator()
     finally:
         server.stop()
 
 
-def test_generation_during_sync_sees_one_weight_set_per_span(models, start_server, expected, reference_llm,
-                                                             tokenizer):
+def test_generation_during_sync_sees_one_weight_set_per_span(models, server, expected, reference_llm, tokenizer):
     """Three loops generate while per-parameter and batched syncs alternate. No token comes from a mix of two
     weight sets: a request either ran on one set (exactly its greedy output), or (per-parameter updates
     freeze running requests rather than wait for them) was frozen across a commit, and then its spans name
     the switch: the old weights' tokens, then the new weights' continuation of that prefix. A batched update
     of our client drains first (its `pause_mode` "wait"): nothing crosses it."""
-    server = start_server(models["seed0"], name="sync-mix")
-    try:
-        client = connect(server)
-        stop, outputs = threading.Event(), []
-        weights = {"default": "seed0"}  # version → model
+    client = connect(server)
+    stop, outputs = threading.Event(), []
+    weights = {server.get("/weight_info").json()["weight_version"]: "seed0"}  # version → model
 
-        def generate():
-            while not stop.is_set():
-                body = server.post("/v1/completions", {"prompt": PROMPTS, "max_tokens": MAX_TOKENS, **GREEDY,
-                                                       "return_weight_versions": True}).json()
-                outputs.append([(c["token_ids"], c["weight_versions"]) for c in body["choices"]])
+    def generate():
+        while not stop.is_set():
+            body = server.post("/v1/completions", {"prompt": PROMPTS, "max_tokens": MAX_TOKENS, **GREEDY,
+                                                   "return_weight_versions": True}).json()
+            outputs.append([(c["token_ids"], c["weight_versions"]) for c in body["choices"]])
 
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            loops = [pool.submit(generate) for _ in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        loops = [pool.submit(generate) for _ in range(3)]
+        try:
             for round_, name in enumerate(["seed1", "seed0", "seed1", "seed0"]):
                 if round_ % 2:
                     client.update_named_params(checkpoint(models[name]), bucket_bytes=300_000)
@@ -151,23 +172,22 @@ def test_generation_during_sync_sees_one_weight_set_per_span(models, start_serve
                 weights[server.get("/weight_info").json()["weight_version"]] = name
                 answered = len(outputs)
                 wait_until(lambda: len(outputs) > answered, "a generation after the sync")  # on these weights
+        finally:
             stop.set()
-            for loop in loops:
-                loop.result(timeout=300)
-        assert len(outputs) >= 4
-        prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
-        for i, out in enumerate(outputs):
-            for k, (tokens, spans) in enumerate(out):
-                if len(spans) == 1:
-                    assert tokens == expected[weights[spans[0]["version"]]][k], (i, k, spans)
-                    continue
-                (first, second), switch = spans, spans[0]["end"]
-                assert tokens[:switch] == expected[weights[first["version"]]][k][:switch], (i, k, spans)
-                assert tokens[switch:] == greedy_ids(reference_llm(models[weights[second["version"]]]),
-                                                     [prompt_ids[k] + tokens[:switch]], MAX_TOKENS - switch)[0]
-        client.close_communicator()
-    finally:
-        server.stop()
+        for loop in loops:
+            loop.result(timeout=300)
+    assert len(outputs) >= 4
+    prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
+    for i, out in enumerate(outputs):
+        for k, (tokens, spans) in enumerate(out):
+            if len(spans) == 1:
+                assert tokens == expected[weights[spans[0]["version"]]][k], (i, k, spans)
+                continue
+            (first, second), switch = spans, spans[0]["end"]
+            assert tokens[:switch] == expected[weights[first["version"]]][k][:switch], (i, k, spans)
+            assert tokens[switch:] == greedy_ids(reference_llm(models[weights[second["version"]]]),
+                                                 [prompt_ids[k] + tokens[:switch]], MAX_TOKENS - switch)[0]
+    client.close_communicator()
 
 
 TRAINER = textwrap.dedent("""
@@ -181,36 +201,32 @@ TRAINER = textwrap.dedent("""
 """)
 
 
-def test_dead_trainer_then_reinit_and_a_trainer_that_never_joins(models, start_server, expected):
-    server = start_server(models["seed0"], "--weight_sync_timeout", "8", name="sync-faults")
-    try:
-        port = free_port()
-        trainer = subprocess.Popen([sys.executable, "-c", TRAINER.format(root=str(ROOT), url=server.url, port=port)],
-                                   stdout=subprocess.PIPE, text=True, env=os.environ)
-        assert trainer.stdout.readline().strip() == "joined"
-        trainer.send_signal(signal.SIGKILL)
-        trainer.wait(30)
-        # a new trainer on the same group port: the stale group is closed (TRL #3408) and the sync works
-        client = VLLMClient(base_url=server.url, group_port=port, connection_timeout=60, timeout=120)
-        client.init_communicator(device="cpu")
-        client.update_named_params(checkpoint(models["seed1"]))
-        assert greedy(server) == expected["seed1"]
-        client.close_communicator()
+def test_dead_trainer_then_reinit_and_a_trainer_that_never_joins(models, server, expected):
+    port = free_port()
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER.format(root=str(ROOT), url=server.url, port=port)],
+                               stdout=subprocess.PIPE, text=True, env=os.environ)
+    assert trainer.stdout.readline().strip() == "joined"
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait(30)
+    # a new trainer on the same group port: the stale group is closed (TRL #3408) and the sync works
+    client = VLLMClient(base_url=server.url, group_port=port, connection_timeout=60, timeout=120)
+    client.init_communicator(device="cpu")
+    client.update_named_params(checkpoint(models["seed1"]))
+    assert greedy(server) == expected["seed1"]
+    client.close_communicator()
 
-        # a trainer that announces itself but never joins: an error after --weight_sync_timeout, no hang
-        response = server.post("/init_communicator", {"host": "0.0.0.0", "port": free_port(), "world_size": 2,
-                                                      "client_device_uuid": "cpu"})
-        assert response.status_code == 200
-        assert greedy(server) == expected["seed1"]  # waits for the timed-out group (8 s), then generates
-        response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
-                                                       "shape": [128]})
-        assert response.status_code == 409 and "failed" in response.json()["error"]["message"], response.text
-        client = connect(server)  # and a fresh group works afterwards
-        client.update_named_params(checkpoint(models["seed0"]))
-        assert greedy(server) == expected["seed0"]
-        client.close_communicator()
-    finally:
-        server.stop()
+    # a trainer that announces itself but never joins: an error after --weight_sync_timeout, no hang
+    response = server.post("/init_communicator", {"host": "0.0.0.0", "port": free_port(), "world_size": 2,
+                                                  "client_device_uuid": "cpu"})
+    assert response.status_code == 200
+    assert greedy(server) == expected["seed1"]  # waits for the timed-out group (8 s), then generates
+    response = server.post("/update_named_param", {"name": "model.norm.weight", "dtype": "torch.float32",
+                                                   "shape": [128]})
+    assert response.status_code == 409 and "failed" in response.json()["error"]["message"], response.text
+    client = connect(server)  # and a fresh group works afterwards
+    client.update_named_params(checkpoint(models["seed0"]))
+    assert greedy(server) == expected["seed0"]
+    client.close_communicator()
 
 
 def test_weight_sync_input_errors(server):
