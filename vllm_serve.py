@@ -69,6 +69,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import multiprocessing  # noqa: E402
+import multiprocessing.util  # noqa: E402
 import pathlib  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -1037,6 +1038,14 @@ def replica_main(config, rank, log_stats, bell, conn):
             reply = ("error", f"{type(exc).__name__}: {exc}")
         conn.send(reply)
     replica.shutdown()
+    # Skip the interpreter's teardown, seconds of garbage collection with torch and vLLM loaded that every stop
+    # of the server would wait for. multiprocessing's own exit step still runs: its finalizers release the
+    # semaphores this process made (tqdm's lock, for one), which its resource tracker would report as leaked.
+    multiprocessing.util._exit_function()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def chats():
         {"messages": [*USER, {"role": "assistant", "content": "It is"}], **GREEDY, "add_generation_prompt": False,
          "continue_final_message": True, "return_token_ids": True},
         {"messages": USER, **GREEDY, "echo": True},
+        {"messages": USER, **GREEDY, "chat_template": "{{ messages[0].content }}", "return_token_ids": True},  # (opt-in)
         {"messages": USER, "temperature": 0, "max_completion_tokens": 5, "n": 2},
         {"messages": USER, "temperature": 0, "max_tokens": 100000},  # clamped
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello"},
@@ -189,8 +190,6 @@ def bad_input():
         ("POST", "/v1/chat/completions", {"model": "tiny", "messages": "hi"}),
         ("POST", "/v1/chat/completions", {"model": "tiny", "messages": USER, "tools": [WEATHER],
                                           "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
-        ("POST", "/v1/chat/completions", {"model": "tiny", "messages": USER,
-                                          "chat_template": "{{ messages[0].content }}"}),  # needs the opt-in
         ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]}),
         ("POST", "/v1/responses", {"model": "tiny", "input": 5}),

@@ -14,6 +14,7 @@ from support import GREEDY, HANG_S, PROMPTS, Trained, checkpoint, free_port, gre
 from vllm_client import VLLMClient, VLLMClientError
 
 MAX_TOKENS = 12
+STREAM_TOKENS = 1000  # decode steps ahead of each stream once under way: minutes of work on any machine
 MP = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
 
@@ -102,7 +103,7 @@ def stream_chunks(server, body, chunks, done):
     return thread
 
 
-def streams_under_way(server, count, max_tokens=3000):
+def streams_under_way(server, count, max_tokens=STREAM_TOKENS):
     """`count` streams of `max_tokens`, all mid-generation on return: sent while the server holds new requests
     (paused), admitted together at the resume, and each has its first token. They cannot finish before the
     caller acts: max_tokens decode steps lie ahead of each. → [(chunks, done)]."""
@@ -162,24 +163,24 @@ def test_keep_during_a_sync_loses_no_stream(models, long_server, expected, refer
     """16 streams mid-generation when a stock-dialect sync pauses with "keep": every stream completes with
     all its tokens, none cut or lost. (vLLM 0.32 preempts the frozen requests: after the sync they are
     recomputed on the new weights, so a kept stream's later tokens come from the new model.)"""
-    streams = streams_under_way(long_server, 16)
     client = stock_client(long_server, pause_mode="keep")
+    streams = streams_under_way(long_server, 16)
     assert long_server.post("/pause?mode=keep", {}).status_code == 200  # frozen: none can finish meanwhile
     assert long_server.health()["requests_running"] == 16
     client.update_named_params(checkpoint(models["seed1"]))  # pauses (keep) again, syncs, resumes
     for chunks, done in streams:
         assert done.wait(HANG_S)
-        assert sum(len(c["choices"][0]["token_ids"] or []) for c in chunks) == 3000
+        assert sum(len(c["choices"][0]["token_ids"] or []) for c in chunks) == STREAM_TOKENS
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     client.close_communicator()
     # the same through TRL's legacy protocol: a batched update that asks to keep the running requests
-    streams = streams_under_way(long_server, 8)
     legacy = VLLMClient(base_url=long_server.url, group_port=free_port(), timeout=HANG_S, pause_mode="keep")
     legacy.init_communicator(device="cpu")
+    streams = streams_under_way(long_server, 8)
     legacy.update_named_params(checkpoint(models["seed0"]))
     for chunks, done in streams:
         assert done.wait(HANG_S)
-        assert sum(len(c["choices"][0]["token_ids"] or []) for c in chunks) == 3000
+        assert sum(len(c["choices"][0]["token_ids"] or []) for c in chunks) == STREAM_TOKENS
     legacy.close_communicator()
     body = long_server.post("/v1/completions", {"prompt": PROMPTS, "max_tokens": MAX_TOKENS, **GREEDY}).json()
     assert [c["token_ids"] for c in body["choices"]] == expected["seed0"]

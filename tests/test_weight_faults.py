@@ -1,4 +1,4 @@
-"""A weight update is a transaction (issue 23), proven on CPU over gloo against one DP-2 server per dialect.
+"""A weight update is a transaction (issue 23), proven on CPU over gloo against one DP-2 server, in each dialect.
 
 Faults, for batched and per-parameter updates in both dialects: the trainer process dies (os._exit) before its
 first, k-th or last broadcast; it dies after its last broadcast but before the commit; it stalls past
@@ -131,27 +131,33 @@ def expected(models, reference_llm):
 
 @pytest.fixture(scope="module")
 def launched(models, start_server, tmp_path_factory):
-    """Both dialects' servers, launched together (each waits for its first test). The load fault of TRL's
-    dialect needs the fault plugin (tests/faults.py) in the workers."""
+    """The server, launched at once (it waits for the first test), and each dialect's first trainer process,
+    which imports torch and vLLM meanwhile. The load fault of TRL's dialect needs the fault plugin
+    (tests/faults.py) in the workers. `current`: the weights the server serves between the dialects' tests."""
     load_file = tmp_path_factory.mktemp("faults") / "fail-load"
-    return {dialect: (start_server(models["seed0"], "--data-parallel-size", "2", "--weight-sync-timeout",
-                                   str(TIMEOUT_S), "--logits-processors", "faults:FailingLogitsProcessor",
-                                   name=f"faults-{dialect}", wait=False,
-                                   env={"PYTHONPATH": str(ROOT / "tests"), "FAULTS_LOAD_FILE": str(load_file)}),
-                      load_file) for dialect in ("legacy", "stock")}
+    server = start_server(models["seed0"], "--data-parallel-size", "2", "--weight-sync-timeout", str(TIMEOUT_S),
+                          "--logits-processors", "faults:FailingLogitsProcessor", name="faults", wait=False,
+                          env={"PYTHONPATH": str(ROOT / "tests"), "FAULTS_LOAD_FILE": str(load_file)})
+    launched = {"server": server, "load_file": load_file, "current": "seed0",
+                "trainers": {dialect: Trainer(server, dialect) for dialect in ("legacy", "stock")}}
+    yield launched
+    for trainer in launched["trainers"].values():
+        trainer.stop()  # (a no-op for one that served)
+    server.stop()
 
 
 @pytest.fixture(scope="module", params=["legacy", "stock"])
 def served(request, launched, models, expected):
-    server, load_file = launched[request.param]
+    server = launched["server"]
     server.wait_healthy()
-    state = Served(server, request.param, models, expected, load_file=load_file)
-    assert state.greedy_each() == expected["seed0"]
+    state = Served(server, request.param, models, expected, current=launched["current"],
+                   spare=launched["trainers"][request.param], load_file=launched["load_file"])
+    assert state.greedy_each() == expected[state.current]
     state.next_trainer()
     yield state
     for trainer in (state.trainer, state.spare):
-        trainer.stop()
-    server.stop()
+        trainer.stop()  # each leaves its group at exit: the other dialect's trainer starts a new one
+    launched["current"] = state.current
 
 
 def settled(served, counts):

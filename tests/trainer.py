@@ -80,7 +80,8 @@ def arm(order, total, url):
 
 def main():
     url, port, dialect = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    client = VLLMClient(base_url=url, group_port=port, timeout=120, weight_sync=dialect)
+    # started beside a server still starting (the tests' bound for a start: 600 s), as a trainer may be
+    client = VLLMClient(base_url=url, group_port=port, timeout=120, weight_sync=dialect, connection_timeout=600)
     client.packed_bytes = BUCKET_BYTES
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
