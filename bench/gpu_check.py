@@ -108,7 +108,10 @@ def main(argv=None):
         if dp > 1:
             sampled = client.generate([PROMPTS[1]] * SAMPLES, temperature=1.0, max_tokens=MAX_TOKENS)["completion_ids"]
             distinct = len({tuple(ids) for ids in sampled})
-            check("DP replicas sample apart", distinct == SAMPLES, f"{distinct} of {SAMPLES} distinct")
+            repeats = [[i for i, other in enumerate(sampled) if other == ids] for ids in sampled]
+            check("DP replicas sample apart", distinct == SAMPLES, f"{distinct} of {SAMPLES} distinct" + (
+                "" if distinct == SAMPLES else f"; the same at {sorted({tuple(r) for r in repeats if len(r) > 1})}"
+                f"; finished per rank {server.health()['requests_finished_per_rank']}"))
         else:
             results.append(("DP replicas sample apart", "SKIP", "DP 2 needs 3 GPUs (2 + the trainer's)"))
         from transformers import AutoModelForCausalLM

@@ -109,17 +109,13 @@ def test_make_serve_reaches_the_hub_only_for_a_named_model(model, offline, tmp_p
 
 def test_vllm_message_queues_spin_briefly_on_cpu_and_recheck_often():
     """Importing the server set vLLM's queue knobs (the names must still exist in the installed vLLM): a reader
-    spins QUEUE_SPIN_S after a read on CPU, and looks for a lost wake-up every QUEUE_RECHECK_MS."""
-    import zmq
+    spins QUEUE_SPIN_S after a read on CPU, and looks for a lost wake-up every QUEUE_RECHECK_MS. (Read from the
+    signature: a real SpinCondition's zmq sockets once aborted the test process at the context's term.)"""
+    import inspect
+
     from vllm.distributed.device_communicators import shm_broadcast
     from vllm.platforms import current_platform
 
     assert shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS == vllm_serve.QUEUE_RECHECK_MS
-    context = zmq.Context()
-    try:
-        reader = shm_broadcast.SpinCondition(True, context, "inproc://quiet-queues-test")
-        assert reader.busy_loop_s == (vllm_serve.QUEUE_SPIN_S if current_platform.is_cpu() else 1)
-        for socket in (reader.local_notify_socket, reader.read_cancel_socket, reader.write_cancel_socket):
-            socket.close()
-    finally:
-        context.term()
+    spin = inspect.signature(shm_broadcast.SpinCondition.__init__).parameters["busy_loop_s"].default
+    assert spin == (vllm_serve.QUEUE_SPIN_S if current_platform.is_cpu() else 1)
