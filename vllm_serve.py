@@ -901,6 +901,8 @@ class Replica:
             try:
                 self.engine.add_request(key, request, request.params, prompt_text=prompt_text)
                 self.unfinished.add(key)
+            except EngineDeadError:  # not a refusal: the replica exits with its engine (replica_main)
+                raise
             except Exception as exc:  # refused alone: the others in this round go on
                 errors.append((key, 400, f"{type(exc).__name__}: {exc}"))
         outputs, deadline, collected = [], time.monotonic() + wait_s, 0
