@@ -80,10 +80,10 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 
 import psutil  # noqa: E402
-import uvicorn  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from vllm.engine.protocol import EngineClient  # noqa: E402
-from vllm.exceptions import GenerationError, GracefulHTTPError, RetryableRequestError  # noqa: E402
+from vllm.exceptions import (GenerationError, GracefulHTTPError, RetryableRequestError, VLLMClientError,  # noqa: E402
+                             VLLMNotFoundError, VLLMValidationError)
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 
 logger = logging.getLogger("vllm_serve")
@@ -152,30 +152,25 @@ def quiet_queues():
 quiet_queues()
 
 
-class APIError(GracefulHTTPError):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Raised under one of
-    vLLM's routes (the RL ones call our engine client), vLLM's handler answers it with its status."""
+def http_error(message, status=400, param=None):
+    """The vLLM exception that vLLM's handlers answer with `status` in OpenAI's shape, with vLLM's type."""
+    if status == 400:
+        return VLLMValidationError(message, parameter=param)
+    kinds = {404: VLLMNotFoundError, 500: GenerationError, 503: RetryableRequestError}
+    return kinds[status](message) if status in kinds else GracefulHTTPError(message, HTTPStatus(status))
 
-    TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 409: "ConflictError",
-             413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
-    def __init__(self, message, status=400, param=None):
-        super().__init__(message, HTTPStatus(status))
-        self.message, self.status, self.param = message, status, param
+def rendering_error(error):
+    """vLLM's ErrorResponse (a render call's answer to bad input) → the exception that answers it again."""
+    return http_error(error.error.message, error.error.code, error.error.param)
 
-    def response(self):
-        body = {"message": self.message, "type": self.TYPES.get(self.status, "APIError"),
-                "param": self.param, "code": self.status}
-        return JSONResponse({"error": body}, status_code=self.status)
 
-    @classmethod
-    def of(cls, error):
-        """vLLM's ErrorResponse or exception → APIError (same status, type and param as vLLM answers)."""
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+def error_response(exc):
+    """An exception answered outside vLLM's app (our outermost middleware), as vLLM's handlers answer it."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-        if isinstance(error, Exception):
-            error = create_error_response(error)
-        return cls(error.error.message, status=error.error.code, param=error.error.param)
+    error = create_error_response(exc)
+    return JSONResponse(error.model_dump(), status_code=error.error.code)
 
 
 def is_int(x):
@@ -298,8 +293,9 @@ def make_configs(args):
     from vllm.platforms import current_platform
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
-    engine_args.shutdown_timeout = 0  # ours is the parent's drain (--shutdown-timeout); an engine told to stop stops
+    engine_args.shutdown_timeout = 0  # the parent drains (--shutdown-timeout); an engine told to stop stops
     parent = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    parent.shutdown_timeout = args.shutdown_timeout  # what vLLM's launcher gives our engine client's shutdown()
     on_cuda = current_platform.is_cuda_alike()  # NVML, not a CUDA context
     # NCCL on CUDA, gloo elsewhere. NCCL asked for on CPU (TRL's documented command line) starts, and its
     # transfers are refused with a 400 naming gloo.
@@ -312,6 +308,7 @@ def make_configs(args):
     replicas, server = [], f"{socket.gethostname()}:{args.port}"
     for rank in range(parent.parallel_config.data_parallel_size):
         config = copy.deepcopy(parent)
+        config.shutdown_timeout = 0
         config.parallel_config.reconfigure_for_independent_dp_rank()  # what stock does per DP engine process
         config.parallel_config.worker_extension_cls = f"{MODULE_NAME}.WeightSyncWorkerExtension"
         config.model_config.seed = replica_seed(parent.model_config.seed, rank, server)
@@ -999,9 +996,10 @@ class Replica:
         return self.engine.reset_prefix_cache()
 
     def shutdown(self):
-        """Stop vLLM's own processes (EngineCore, its workers) before this one exits."""
+        """Stop vLLM's own processes (EngineCore, its workers) before this one exits, as `vllm serve` stops them
+        (the config's shutdown_timeout, 0: SIGTERM, then SIGKILL for what has not exited)."""
         try:
-            self.engine.engine_core.shutdown()
+            self.engine.engine_core.shutdown(timeout=self.engine.vllm_config.shutdown_timeout)
         except Exception as exc:
             logger.warning("replica %d: engine shutdown: %s", self.rank, exc)
 
@@ -1011,6 +1009,7 @@ REPLICA_METHODS = {"info", "round", "pause", "resume", "reset_prefix_cache", "we
 
 def replica_main(config, rank, log_stats, bell, conn):
     """Process body: load, say ready (or why not), then answer each message with a result or an error."""
+    os.setpgrp()  # a Ctrl-C in the terminal reaches the parent alone, which drains, then stops this replica
     try:
         replica = Replica(config, rank, log_stats, bell)
         conn.send(("ok", replica.info()))
@@ -1038,7 +1037,10 @@ def replica_main(config, rank, log_stats, bell, conn):
         except Exception as exc:
             logger.exception("replica %d: %s failed", rank, method)
             reply = ("error", f"{type(exc).__name__}: {exc}")
-        conn.send(reply)
+        try:
+            conn.send(reply)
+        except OSError:  # parent gone
+            break
     replica.shutdown()
     # Skip the interpreter's teardown, seconds of garbage collection with torch and vLLM loaded that every stop
     # of the server would wait for. multiprocessing's own exit step still runs: its finalizers release the
@@ -1121,6 +1123,7 @@ class Replicas:
         self.processes, self.conns, self.infos = [], [], []
         self.engine_processes = []  # the processes under the replicas, as last seen (watch)
         self.vllm_processes = []
+        self.stopping = False  # stop() began: a replica's exit is no death
         self.bell = multiprocessing.get_context("spawn").Value("Q", 0, lock=False)  # Replica's; we alone write
 
     def __len__(self):
@@ -1236,14 +1239,15 @@ class Replicas:
         return found
 
     async def watch(self):
-        """Returns once a replica died; until then keeps `engine_processes` current, so that those a dead
-        replica leaves behind can be stopped."""
-        while True:
+        """→ True once a replica died, False once the pool is being stopped; until then keeps `engine_processes`
+        current, so that those a dead replica leaves behind can be stopped."""
+        while not self.stopping:
             found = await asyncio.to_thread(self.find_engine_processes)
             if not self.alive():  # one that died while we looked may have lost its children already
-                return
+                return not self.stopping
             self.engine_processes = found
             await asyncio.sleep(REPLICA_POLL_S)
+        return False
 
     async def died(self):
         """After a failed exchange: whether a replica is dead (its pipe breaks a moment before its exit shows)."""
@@ -1257,6 +1261,7 @@ class Replicas:
         """Ask every replica to shut its engine down and exit; then stop whatever a killed, hung or still loading
         one left behind. A stop may come at any moment of start-up: engine processes are looked for while
         their replica still is their parent, and a replica that is not ready yet is not waited for."""
+        self.stopping = True
         for conn in self.conns:
             with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(("shutdown", ()))
@@ -1331,6 +1336,7 @@ class Batcher:
         self.frozen = False  # the replicas' schedulers are paused: admitted requests wait in their engines
         self.waiting = 0  # requests waiting at the gate
         self.failure = None  # why every request now fails (a dead replica, shutdown)
+        self.closing = None  # why new requests are refused while running ones drain (shutdown)
         self.aborted = 0  # requests the replicas confirmed aborted in vLLM
         self.finished = [0] * len(replicas)  # requests each replica completed, since start
 
@@ -1344,8 +1350,8 @@ class Batcher:
 
     def submit(self, key, request, prompt_text, rank, collector):
         """Queue `request` for `rank` (None: the least loaded replica); its outputs go to `collector`."""
-        if self.failure:
-            raise self.failure
+        if self.failure or self.closing:
+            raise self.failure or self.closing
         rank = min(range(len(self.replicas)), key=self.load) if rank is None else rank
         self.pending[key] = Pending(collector, rank)
         self.queued.setdefault(rank, []).append((request, prompt_text))
@@ -1370,6 +1376,20 @@ class Batcher:
             pending.collector.put(error)
         self.pending.clear()
         self.queued.clear()
+        self.aborts.clear()
+        self.gate.set()  # requests waiting for a weight update to end meet the error at submit()
+
+    async def drain(self, timeout_s):
+        """At shutdown: new requests get a 503 at once, the ones in flight get `timeout_s` to finish, then a 503."""
+        self.closing = RetryableRequestError("The server is shutting down; send the request again.")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.idle(), timeout_s)
+        self.fail_all(RetryableRequestError(f"The server shut down before this request finished (--shutdown-timeout "
+                                            f"{timeout_s:g} s); send it again."))
+
+    async def idle(self):
+        while self.pending:
+            await asyncio.sleep(REPLICA_POLL_S / 20)
 
     def close(self):
         """New requests wait at the gate (admitted ones go on unless frozen)."""
@@ -1425,11 +1445,9 @@ class Batcher:
             try:
                 await self.round()
             except Exception as exc:
-                logger.error("generation round failed: %s", exc)
-                if await self.replicas.died():  # every request fails from now on, /health included
-                    self.fail_all(RetryableRequestError(f"{exc}. A vLLM replica process died; the server is "
-                                                        "exiting for its supervisor to restart it."))
+                if await self.replicas.died():  # the server's supervise() answers it
                     return
+                logger.error("generation round failed: %s", exc)
                 for key, pending in list(self.pending.items()):  # fail what was in flight, keep serving
                     if pending.sent:
                         pending.collector.put(RetryableRequestError(str(exc)))
@@ -1491,18 +1509,18 @@ def stock_metas(info, known):
                              for key in ("names", "dtype_names", "shapes"))
     if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
             and len(names) == len(dtypes) == len(shapes)):
-        raise APIError("`update_info` needs lists `names`, `dtype_names` and `shapes` of one length.",
-                       param="update_info")
+        raise http_error("`update_info` needs lists `names`, `dtype_names` and `shapes` of one length.",
+                         param="update_info")
     metas = []
     for name, dtype, shape in zip(names, dtypes, shapes):
         if not isinstance(name, str) or not isinstance(dtype, str) or dtype.removeprefix("torch.") not in TORCH_DTYPES:
-            raise APIError(f"Each name must be a string and each dtype one of {sorted(TORCH_DTYPES)}: got "
-                           f"{json.dumps(name)}, {json.dumps(dtype)}.", param="update_info")
+            raise http_error(f"Each name must be a string and each dtype one of {sorted(TORCH_DTYPES)}: got "
+                             f"{json.dumps(name)}, {json.dumps(dtype)}.", param="update_info")
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-            raise APIError(f"The shape of {name!r} must be a list of non-negative integers.", param="update_info")
+            raise http_error(f"The shape of {name!r} must be a list of non-negative integers.", param="update_info")
         if known is not None and (name not in known or math.prod(shape) != math.prod(known[name])):
-            raise APIError(f"{name!r} with shape {shape} is not a tensor of the served checkpoint"
-                           + (f" (it has {known[name]})." if name in known else "."), param="update_info")
+            raise http_error(f"{name!r} with shape {shape} is not a tensor of the served checkpoint"
+                             + (f" (it has {known[name]})." if name in known else "."), param="update_info")
         metas.append({"name": name, "dtype": dtype, "shape": shape})
     return metas
 
@@ -1603,33 +1621,33 @@ class WeightSync:
         loading them would leave the layers' scales as they were."""
         quantization = self.replicas.infos[0]["quantization"]
         if quantization:
-            raise APIError(f"Weight sync into a quantized model ({quantization}) is not supported: the "
-                           "trainer's tensors would be loaded without their quantization scales. Serve the "
-                           "unquantized checkpoint to train against it.", status=409)
+            raise http_error(f"Weight sync into a quantized model ({quantization}) is not supported: the "
+                             "trainer's tensors would be loaded without their quantization scales. Serve the "
+                             "unquantized checkpoint to train against it.", status=409)
 
     def check_transport(self):
         """400 for NCCL on replicas without CUDA (TRL's documented command line, on a CPU box)."""
         if self.backend == "nccl" and not self.on_cuda:
-            raise APIError("The replicas run on CPU, where NCCL cannot transfer weights: start the server with "
-                           "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
+            raise http_error("The replicas run on CPU, where NCCL cannot transfer weights: start the server with "
+                             "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
 
     def check_owner(self):
         """409 for a step from a trainer whose group a newer one replaced (a restarted trainer's old self): it must
         not reach the new group. Only clients that name their group (X-Weight-Sync-Group) can be told apart."""
         sender, owner = TRAINER.get(), (self.group or {}).get("owner")
         if sender and owner and sender != owner:
-            raise APIError("This trainer's weight-sync group was replaced by a newer trainer's (a restarted "
-                           "trainer): call init again to take over.", status=409)
+            raise http_error("This trainer's weight-sync group was replaced by a newer trainer's (a restarted "
+                             "trainer): call init again to take over.", status=409)
 
     def check_group(self, dialect):
         """409 unless the trainer's group of `dialect` is open and its last step did not fail."""
         self.check_owner()
         join = "/init_communicator" if dialect == "legacy" else "/init_weight_transfer_engine"
         if self.broken:
-            raise APIError(f"The previous weight-sync step failed, and the update was rolled back: {self.broken}. "
-                           f"Call {join} again.", status=409)
+            raise http_error(f"The previous weight-sync step failed, and the update was rolled back: {self.broken}. "
+                             f"Call {join} again.", status=409)
         if (self.group or {}).get("dialect") != dialect:
-            raise APIError(f"No weight-sync group: call {join} first.", status=409)
+            raise http_error(f"No weight-sync group: call {join} first.", status=409)
 
     def spec(self, replica, **fields):
         """A replica's part of the group (WeightEngine.join): `rank` is the group's first rank of this server's
@@ -1650,7 +1668,7 @@ class WeightSync:
         """Run a step on after the HTTP call that began it answered; its 409 reaches the trainer's next step."""
         def done(task):
             self.tasks.discard(task)
-            if not task.cancelled() and task.exception() and not isinstance(task.exception(), APIError):
+            if not task.cancelled() and task.exception() and not isinstance(task.exception(), (VLLMClientError, GracefulHTTPError)):
                 logger.error("weight sync: %r", task.exception())
 
         task = asyncio.ensure_future(coroutine)
@@ -1809,8 +1827,8 @@ class WeightSync:
                 if self.state != "idle":
                     await self._rollback(self.broken)
                 join = "/init_communicator" if self.group["dialect"] == "legacy" else "/init_weight_transfer_engine"
-                raise APIError(f"{self.broken}. The update was rolled back (the previous weights serve) and the "
-                               f"group is closed; call {join} again.", status=409) from None
+                raise http_error(f"{self.broken}. The update was rolled back (the previous weights serve) and the "
+                                 f"group is closed; call {join} again.", status=409) from None
         finally:
             if release:
                 self.steps.release()
@@ -1857,8 +1875,8 @@ class WeightSync:
             if not self.replicas.alive():
                 raise
             await self._rollback(f"loading the new weights failed: {exc}")
-            raise APIError(f"Loading the new weights failed, and the update was rolled back (the previous weights "
-                           f"serve): {exc}", status=409) from None
+            raise http_error(f"Loading the new weights failed, and the update was rolled back (the previous weights "
+                             f"serve): {exc}", status=409) from None
         version = version or self.named or self.next_version()
         await self.replicas.call("weights", "commit", version)
         unchanged = sorted({name for replica in loaded for worker in replica for name in worker})
@@ -1895,9 +1913,9 @@ class WeightSync:
         ranks from `offset` up (a client syncing several servers gives each its own range)."""
         gpu = shared_gpu(client_device_uuid, [u for info in self.replicas.infos for u in info["gpu_uuids"]])
         if gpu and self.backend == "nccl":  # gloo goes through host memory: any device will do
-            raise APIError(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL cannot "
-                           "broadcast within one device. Put the trainer on another GPU (CUDA_VISIBLE_DEVICES).",
-                           param="client_device_uuid")
+            raise http_error(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL cannot "
+                             "broadcast within one device. Put the trainer on another GPU (CUDA_VISIBLE_DEVICES).",
+                             param="client_device_uuid")
         await self.join("legacy", [self.spec(rank, rank=offset, host=host, port=port, world_size=world_size,
                                              source=world_size - 1, barrier=self.backend == "nccl")
                                    for rank in range(len(self.replicas))])
@@ -1912,11 +1930,11 @@ class WeightSync:
         host, port, uid = info.get("master_address"), info.get("master_port"), info.get("nccl_unique_id_b64")
         buffer_bytes = info.get("packed_buffer_size_bytes", DEFAULT_PACKED_BUFFER_SIZE_BYTES)
         if not (is_int(offset) and is_int(world_size) and offset >= 1 and offset + self.world_size <= world_size):
-            raise APIError(f"`init_info` needs integers `rank_offset` >= 1 and `world_size` >= rank_offset + "
-                           f"{self.world_size} (this server's workers), the trainer at rank 0.", param="init_info")
+            raise http_error(f"`init_info` needs integers `rank_offset` >= 1 and `world_size` >= rank_offset + "
+                             f"{self.world_size} (this server's workers), the trainer at rank 0.", param="init_info")
         if not (isinstance(uid, str) or (isinstance(host, str) and is_int(port))) or not is_int(buffer_bytes):
-            raise APIError("`init_info` needs `master_address` and an integer `master_port` (or "
-                           "`nccl_unique_id_b64`), and an integer `packed_buffer_size_bytes`.", param="init_info")
+            raise http_error("`init_info` needs `master_address` and an integer `master_port` (or "
+                             "`nccl_unique_id_b64`), and an integer `packed_buffer_size_bytes`.", param="init_info")
         await self.join("stock", [self.spec(rank, rank=offset, host=host, port=port, world_size=world_size, source=0,
                                             nccl_unique_id_b64=uid) for rank in range(len(self.replicas))],
                         packed=bool(info.get("packed", False)), buffer_bytes=buffer_bytes)
@@ -1929,12 +1947,12 @@ class WeightSync:
         self.check_group("stock")
         infos = update_info if isinstance(update_info, list) else [update_info] * self.world_size
         if len(infos) != self.world_size:
-            raise APIError(f"`update_info` lists {len(infos)} entries; this server has {self.world_size} workers "
-                           f"({len(self.replicas)} replicas x {self.workers}).", param="update_info")
+            raise http_error(f"`update_info` lists {len(infos)} entries; this server has {self.world_size} workers "
+                             f"({len(self.replicas)} replicas x {self.workers}).", param="update_info")
         chosen = [infos[rank * self.workers] for rank in range(len(self.replicas))]
         if any(infos[rank * self.workers:(rank + 1) * self.workers] != [info] * self.workers
                for rank, info in enumerate(chosen)):
-            raise APIError("The workers of one replica must get the same `update_info`.", param="update_info")
+            raise http_error("The workers of one replica must get the same `update_info`.", param="update_info")
         plans, names = {}, set()
         for rank, info in enumerate(chosen):
             metas = stock_metas(info, self.checkpoint_shapes)
@@ -1964,6 +1982,7 @@ class ReplicaEngineClient(EngineClient):
         self.batcher, self.weight_sync, self.supported_tasks = batcher, weight_sync, tuple(supported_tasks)
         self.pause_timeout_s = pause_timeout_s  # a request waits this long at a closed gate, then gets a 503
         self.keys = itertools.count()
+        self.loop = asyncio.get_running_loop()  # shutdown() comes from another thread
         self.by_request_id = {}  # the serving layer's request id → our keys (its ids may repeat)
 
     # --- state -----------------------------------------------------------------------------------
@@ -2138,6 +2157,10 @@ class ReplicaEngineClient(EngineClient):
         return self.weight_sync.version
 
     def shutdown(self, timeout=None):
+        """vLLM's launcher calls this from a thread at SIGINT or SIGTERM, with --shutdown-timeout: drain, stop."""
+        if not self.batcher.failure and not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.batcher.drain(timeout or 0), self.loop).result()
+        self.batcher.replicas.stop()
         self.renderer.shutdown()
 
 
@@ -2160,7 +2183,7 @@ async def read_json(request):
     try:
         raw = await request.body()
     except ClientDisconnect:  # nobody is left to read the answer; say why in the access log
-        raise APIError("The client disconnected before sending the whole body.") from None
+        raise http_error("The client disconnected before sending the whole body.") from None
     if len(raw) > JSON_THREAD_BYTES:  # parsing a big body takes a while: keep the event loop free meanwhile
         return await asyncio.to_thread(parse_json, raw)
     return parse_json(raw)
@@ -2170,9 +2193,9 @@ def parse_json(raw):
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise APIError(f"Malformed JSON body: {type(exc).__name__}: {exc}") from None
+        raise http_error(f"Malformed JSON body: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
-        raise APIError("The request body must be a JSON object.")
+        raise http_error("The request body must be a JSON object.")
     check_json(body)
     return body
 
@@ -2189,10 +2212,10 @@ def check_json(value):
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise APIError("The body holds a string that is not valid Unicode (a lone surrogate).") from None
+                    raise http_error("The body holds a string that is not valid Unicode (a lone surrogate).") from None
             continue
         if depth > MAX_JSON_DEPTH:
-            raise APIError(f"The body is nested deeper than {MAX_JSON_DEPTH} levels.")
+            raise http_error(f"The body is nested deeper than {MAX_JSON_DEPTH} levels.")
         children = item if isinstance(item, list) else [*item.keys(), *item.values()]
         stack.extend([(c, depth + 1) for c in children if type(c) in (str, list, dict)])
 
@@ -2202,7 +2225,7 @@ def listed(body, key, required=True):
     if value is None and not required:
         return None
     if not isinstance(value, list) or (required and not value):
-        raise APIError(f"`{key}` must be a non-empty list.", param=key)
+        raise http_error(f"`{key}` must be a non-empty list.", param=key)
     return value
 
 
@@ -2216,7 +2239,6 @@ class Server:
     weight_sync: WeightSync
     client: ReplicaEngineClient = None
     exit_code: int = 0  # 1 once a replica died
-    uvicorn_server: uvicorn.Server = None  # its should_exit says a shutdown is under way
 
 
 def state(request) -> Server:
@@ -2225,8 +2247,8 @@ def state(request) -> Server:
 
 async def health(request):
     server = state(request)
-    if server.batcher.failure is not None:
-        raise APIError(str(server.batcher.failure), status=503)
+    if server.batcher.failure or server.batcher.closing:
+        raise http_error(str(server.batcher.failure or server.batcher.closing), status=503)
     return JSONResponse({"status": "ok", "paused": not server.batcher.gate.is_set(),
                          "requests_running": server.batcher.running, "requests_waiting": server.batcher.waiting,
                          "requests_aborted": server.batcher.aborted,  # their client left while they ran
@@ -2258,10 +2280,10 @@ def legacy_request(model_cls, body, fields, **extra):
     values["top_k"] = values.get("top_k") or -1  # TRL's 0 means "off", as vLLM's -1
     kwargs = body.get("generation_kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise APIError("`generation_kwargs` must be an object.", param="generation_kwargs")
+        raise http_error("`generation_kwargs` must be an object.", param="generation_kwargs")
     unknown = set(kwargs) - set(model_cls.model_fields)
     if unknown:
-        raise APIError(f"Unknown generation_kwargs: {sorted(unknown)}.", param="generation_kwargs")
+        raise http_error(f"Unknown generation_kwargs: {sorted(unknown)}.", param="generation_kwargs")
     if body.get("structured_outputs_regex"):
         values["structured_outputs"] = {"regex": body["structured_outputs_regex"]}
     try:
@@ -2269,9 +2291,7 @@ def legacy_request(model_cls, body, fields, **extra):
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        raise APIError(f"{err['msg']} (field: {param})" if param else err["msg"], param=param) from None
-    except Exception as exc:
-        raise APIError.of(exc) from None
+        raise http_error(f"{err['msg']} (field: {param})" if param else err["msg"], param=param) from None
 
 
 async def legacy_generate_all(server, serving, request, engine_inputs, max_tokens, param):
@@ -2283,12 +2303,9 @@ async def legacy_generate_all(server, serving, request, engine_inputs, max_token
             continue
         room = max_model_len - len(engine_input["prompt_token_ids"])
         if max_tokens > room:
-            raise APIError(f"max_tokens={max_tokens} does not fit in max_model_len={max_model_len} beside a "
-                           f"prompt of {len(engine_input['prompt_token_ids'])} tokens.", param=param)
-    try:
-        params = request.to_sampling_params(max_tokens, serving.default_sampling_params)
-    except Exception as exc:
-        raise APIError.of(exc) from None
+            raise http_error(f"max_tokens={max_tokens} does not fit in max_model_len={max_model_len} beside a "
+                             f"prompt of {len(engine_input['prompt_token_ids'])} tokens.", param=param)
+    params = request.to_sampling_params(max_tokens, serving.default_sampling_params)
 
     async def final(engine_input, i):
         output = None
@@ -2296,14 +2313,7 @@ async def legacy_generate_all(server, serving, request, engine_inputs, max_token
             pass
         return output
 
-    try:
-        return await asyncio.gather(*(final(e, i) for i, e in enumerate(engine_inputs)))
-    except RetryableRequestError as exc:
-        raise APIError(str(exc), status=503) from None
-    except GenerationError as exc:  # its engine step failed
-        raise APIError(str(exc), status=500) from None
-    except ValueError as exc:  # refused by a replica's engine
-        raise APIError(str(exc)) from None
+    return await asyncio.gather(*(final(e, i) for i, e in enumerate(engine_inputs)))  # vLLM's handlers answer
 
 
 def legacy_response(outputs, versions=False):
@@ -2330,7 +2340,7 @@ async def legacy_generate(request):
     server, body = state(request), await read_json(request)
     prompts, images = listed(body, "prompts"), listed(body, "images", required=False)
     if not all(isinstance(p, str) or (isinstance(p, list) and all(is_int(t) for t in p)) for p in prompts):
-        raise APIError("Each prompt must be a string or a list of token ids.", param="prompts")
+        raise http_error("Each prompt must be a string or a list of token ids.", param="prompts")
     serving = request.app.state.openai_serving_completion
     fields = ["n", "repetition_penalty", "temperature", "top_p", "top_k", "min_p", "max_tokens", "logprobs"]
     vllm_request = legacy_request(CompletionRequest, body, fields, prompt=prompts)
@@ -2340,7 +2350,7 @@ async def legacy_generate(request):
     else:
         engine_inputs = await serving.render_completion_request(vllm_request)
     if not isinstance(engine_inputs, list):
-        raise APIError.of(engine_inputs)
+        raise rendering_error(engine_inputs)
     outputs = await legacy_generate_all(server, serving, vllm_request, engine_inputs, vllm_request.max_tokens,
                                         "max_tokens")
     return JSONResponse(legacy_response(outputs, body.get("return_weight_versions") is True))
@@ -2354,7 +2364,7 @@ def legacy_images(images, prompts):
     from PIL import Image
 
     if len(images) != len(prompts) or not all(i is None or isinstance(i, list) for i in images):
-        raise APIError("`images` must have one entry per prompt: null or a list of base64 strings.", param="images")
+        raise http_error("`images` must have one entry per prompt: null or a list of base64 strings.", param="images")
     decoded = []
     for entry in images:
         try:
@@ -2362,7 +2372,7 @@ def legacy_images(images, prompts):
             for image in decoded[-1]:
                 image.load()
         except Exception as exc:
-            raise APIError(f"Invalid base64 image: {type(exc).__name__}: {exc}", param="images") from None
+            raise http_error(f"Invalid base64 image: {type(exc).__name__}: {exc}", param="images") from None
     return decoded
 
 
@@ -2377,7 +2387,7 @@ async def legacy_chat(request):
     server, body = state(request), await read_json(request)
     conversations = listed(body, "messages")
     if not all(isinstance(c, list) and all(isinstance(m, dict) for m in c) for c in conversations):
-        raise APIError("`messages` must be a list of conversations (lists of message objects).", param="messages")
+        raise http_error("`messages` must be a list of conversations (lists of message objects).", param="messages")
     serving = request.app.state.openai_serving_chat
     logprobs = body.get("logprobs", LEGACY_DEFAULTS["logprobs"])
     extra = {key: body[key] for key in ("tools", "chat_template", "chat_template_kwargs") if body.get(key) is not None}
@@ -2393,7 +2403,7 @@ async def legacy_chat(request):
             **({"logprobs": True, "top_logprobs": logprobs} if logprobs is not None else {}))
         rendered = await serving.render_chat_request(vllm_request)
         if not isinstance(rendered, tuple):
-            raise APIError.of(rendered)
+            raise rendering_error(rendered)
         outputs.append((vllm_request, rendered[1]))
     results = await asyncio.gather(*(legacy_generate_all(server, serving, r, inputs, r.max_tokens, "max_tokens")
                                      for r, inputs in outputs))
@@ -2410,22 +2420,22 @@ async def legacy_sequence_logprobs(request):
     top_k, temperature = body.get("top_logprobs", LEGACY_LOGPROB_TOP_K), body.get("temperature", 1.0)
     fmt = body.get("response_format", "json")
     if len(sequences) != len(prompt_lengths):
-        raise APIError("`sequences` and `prompt_lengths` must have the same length.", param="prompt_lengths")
+        raise http_error("`sequences` and `prompt_lengths` must have the same length.", param="prompt_lengths")
     if not all(isinstance(s, list) and s and all(is_int(t) for t in s) for s in sequences):
-        raise APIError("Each sequence must be a non-empty list of token ids.", param="sequences")
+        raise http_error("Each sequence must be a non-empty list of token ids.", param="sequences")
     if not is_int(top_k) or top_k < 1 or not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
             or not 0 < temperature < math.inf:
-        raise APIError("top_logprobs must be an int >= 1 and temperature a finite number > 0.", param="top_logprobs")
+        raise http_error("top_logprobs must be an int >= 1 and temperature a finite number > 0.", param="top_logprobs")
     if fmt not in ("json", "binary"):
-        raise APIError("response_format must be 'json' or 'binary'.", param="response_format")
+        raise http_error("response_format must be 'json' or 'binary'.", param="response_format")
     if not all(is_int(n) and 0 <= n <= len(s) for s, n in zip(sequences, prompt_lengths)):
-        raise APIError("Each prompt_length must be in [0, len(sequence)].", param="prompt_lengths")
+        raise http_error("Each prompt_length must be in [0, len(sequence)].", param="prompt_lengths")
     serving = request.app.state.openai_serving_completion
     vllm_request = legacy_request(CompletionRequest, {}, [], prompt=sequences, prompt_logprobs=top_k,
                                   temperature=temperature, max_tokens=1)
     engine_inputs = await serving.render_completion_request(vllm_request)
     if not isinstance(engine_inputs, list):
-        raise APIError.of(engine_inputs)
+        raise rendering_error(engine_inputs)
     outputs = await legacy_generate_all(server, serving, vllm_request, engine_inputs, 1, "sequences")
     rows = [teacher_rows(seq, n, out.prompt_logprobs or [], top_k)
             for seq, n, out in zip(sequences, prompt_lengths, outputs)]
@@ -2477,20 +2487,20 @@ def param_meta(weight_sync, body):
     """{name, dtype, shape} checked against the checkpoint before any broadcast starts (a wrong one
     would leave the trainer and the replicas waiting on broadcasts of different sizes)."""
     if not isinstance(body, dict):
-        raise APIError("Each parameter must be an object {name, dtype, shape}.", param="params")
+        raise http_error("Each parameter must be an object {name, dtype, shape}.", param="params")
     name, dtype, shape = body.get("name"), body.get("dtype"), body.get("shape")
     if not isinstance(name, str) or not name:
-        raise APIError("`name` must be a non-empty string.", param="name")
+        raise http_error("`name` must be a non-empty string.", param="name")
     if not isinstance(dtype, str) or dtype.split(".")[-1] not in TORCH_DTYPES:
-        raise APIError(f"Unsupported dtype {dtype!r}; one of {sorted(TORCH_DTYPES)}.", param="dtype")
+        raise http_error(f"Unsupported dtype {dtype!r}; one of {sorted(TORCH_DTYPES)}.", param="dtype")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-        raise APIError("`shape` must be a list of non-negative integers.", param="shape")
+        raise http_error("`shape` must be a list of non-negative integers.", param="shape")
     known = weight_sync.checkpoint_shapes
     if known is not None:
         if name not in known:
-            raise APIError(f"Unknown parameter {name!r}: not in the served checkpoint.", param="name")
+            raise http_error(f"Unknown parameter {name!r}: not in the served checkpoint.", param="name")
         if shape != known[name]:
-            raise APIError(f"Shape mismatch for {name!r}: got {shape}, the model has {known[name]}.", param="shape")
+            raise http_error(f"Shape mismatch for {name!r}: got {shape}, the model has {known[name]}.", param="shape")
     return {"name": name, "dtype": dtype, "shape": shape}
 
 
@@ -2498,7 +2508,7 @@ def version_of(body):
     """The version a trainer names for the update its call belongs to (optional; a string, as vLLM's)."""
     version = body.get("version")
     if version is not None and (not isinstance(version, str) or not version):
-        raise APIError("`version` must be a non-empty string.", param="version")
+        raise http_error("`version` must be a non-empty string.", param="version")
     return version
 
 
@@ -2508,15 +2518,15 @@ async def init_communicator(request):
     body = await read_json(request)
     host, port = body.get("host"), body.get("port")
     if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isprintable() or " " in host:
-        raise APIError("`host` must be a host name or an IP address.", param="host")
+        raise http_error("`host` must be a host name or an IP address.", param="host")
     if not is_int(port) or not 0 < port < 65536:
-        raise APIError("`port` must be an integer in 1-65535.", param="port")
+        raise http_error("`port` must be an integer in 1-65535.", param="port")
     ours = weight_sync.world_size
     offset, world_size = body.get("rank_offset", 0), body.get("world_size", ours + 1)
     if not is_int(offset) or not is_int(world_size) or offset < 0 or offset + ours > world_size - 1:
-        raise APIError(f"This server's {ours} ranks start at `rank_offset` and must lie below the trainer's, the "
-                       f"last of `world_size`: need 0 <= rank_offset and rank_offset + {ours} <= world_size - 1, got "
-                       f"{json.dumps(offset)} and {json.dumps(world_size)}.", param="rank_offset")
+        raise http_error(f"This server's {ours} ranks start at `rank_offset` and must lie below the trainer's, the "
+                         f"last of `world_size`: need 0 <= rank_offset and rank_offset + {ours} <= world_size - 1, got "
+                         f"{json.dumps(offset)} and {json.dumps(world_size)}.", param="rank_offset")
     await weight_sync.join_legacy(host, port, str(body.get("client_device_uuid")), offset, world_size)
     return JSONResponse({"message": "Request received, initializing communicator", "world_size": world_size,
                          "weight_sync_backend": weight_sync.backend})
@@ -2544,18 +2554,18 @@ async def update_named_params(request):
     metas = [param_meta(weight_sync, p) for p in listed(body, "params")]
     bucket_bytes = body.get("bucket_bytes", WEIGHT_BUCKET_BYTES)
     if not is_int(bucket_bytes) or bucket_bytes < 1:
-        raise APIError("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
+        raise http_error("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
     layout = body.get("layout")
     if not is_int(layout) or layout != WEIGHT_LAYOUT:  # a client without `layout` packs back to back (layout 1)
-        raise APIError(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} bytes in its "
-                       f"bucket), got {json.dumps(layout)}: a client that sends none packs tensors back to back. "
-                       "Use the vllm_client.py that ships with this server.", param="layout")
+        raise http_error(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} bytes in its "
+                         f"bucket), got {json.dumps(layout)}: a client that sends none packs tensors back to back. "
+                         "Use the vllm_client.py that ships with this server.", param="layout")
     pause, finish = body.get("pause", "wait"), body.get("finish", True)
     if pause not in ("wait", "keep"):
-        raise APIError("`pause` must be \"wait\" (running requests finish first) or \"keep\" (they freeze "
-                       "during the update).", param="pause")
+        raise http_error("`pause` must be \"wait\" (running requests finish first) or \"keep\" (they freeze "
+                         "during the update).", param="pause")
     if not isinstance(finish, bool):
-        raise APIError("`finish` must be a boolean.", param="finish")
+        raise http_error("`finish` must be a boolean.", param="finish")
     plan = transfer_plan(metas, "buckets", bucket_bytes)
     await weight_sync.receive("legacy", dict.fromkeys(range(len(weight_sync.replicas)), plan),
                               {meta["name"] for meta in metas}, drain=pause == "wait", finish=finish,
@@ -2588,17 +2598,10 @@ async def close_communicator(request):
 
 
 def both(path, endpoint, methods):
-    """A route under its legacy trailing-slash spelling and without it; its APIErrors answered in their shape."""
+    """A route under its legacy trailing-slash spelling and without it."""
     from starlette.routing import Route
 
-    @functools.wraps(endpoint)
-    async def answered(request):
-        try:
-            return await endpoint(request)
-        except APIError as exc:
-            return exc.response()
-
-    return [Route(path, answered, methods=methods), Route(path + "/", answered, methods=methods)]
+    return [Route(path, endpoint, methods=methods), Route(path + "/", endpoint, methods=methods)]
 
 
 ROUTES = [  # ours; a path here replaces vLLM's route of the same path
@@ -2753,13 +2756,14 @@ class Guard:
         open_path = scope["path"].rstrip("/") in OPEN_PATHS or scope["method"] == "OPTIONS"
         given = headers.get(b"authorization", b"")
         if self.expected and not open_path and not any(hmac.compare_digest(given, key) for key in self.expected):
-            error = APIError("Invalid or missing API key (Authorization: Bearer <key>).", status=401)
-            return await error.response()(scope, receive, send)
-        too_large = APIError(f"Request body larger than {self.max_body} bytes (--max-request-body-bytes).", status=413)
+            error = http_error("Invalid or missing API key (Authorization: Bearer <key>).", status=401)
+            return await error_response(error)(scope, receive, send)
+        too_large = error_response(http_error(f"Request body larger than {self.max_body} bytes "
+                                              "(--max-request-body-bytes).", status=413))
         declared = headers.get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > self.max_body:
-                return await too_large.response()(scope, receive, send)
+                return await too_large(scope, receive, send)
             return await self.app(scope, receive, send)
         messages, size = [], 0
         while True:
@@ -2767,7 +2771,7 @@ class Guard:
             messages.append(message)
             size += len(message.get("body", b""))
             if size > self.max_body:
-                return await too_large.response()(scope, receive, send)
+                return await too_large(scope, receive, send)
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
 
@@ -2780,10 +2784,6 @@ class Guard:
 # ------------------------------------------------------------------------------------------------
 # App, serving, main()
 # ------------------------------------------------------------------------------------------------
-
-
-async def not_found(scope, receive, send):
-    await APIError(f"No route {scope['path']}.", status=404).response()(scope, receive, send)
 
 
 async def build(args, server: Server, parent_config):
@@ -2804,42 +2804,33 @@ async def build(args, server: Server, parent_config):
     ours = {route.path for route in ROUTES}
     app.router.routes[:] = [r for r in app.router.routes
                             if getattr(r, "path", None) in VLLM_ROUTES and r.path not in ours] + ROUTES
-    app.router.default = not_found
-    # FastAPI raises Starlette's HTTPException for a body it cannot parse (too deep, say), which vLLM's handler
-    # for FastAPI's subclass misses: answer it in OpenAI's shape too.
+    # Starlette raises its HTTPException for an unknown route, and FastAPI for a body it cannot parse (too deep,
+    # say): vLLM's handler, registered for FastAPI's subclass only, answers them in OpenAI's shape too.
     from starlette.exceptions import HTTPException
     from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
 
     app.add_exception_handler(HTTPException, http_exception_handler)
-    app.middleware_stack = None  # rebuilt with that handler at the first request
+    app.middleware_stack = None  # built already (vLLM's set-up looked at it); rebuilt at the first request
+    app.add_middleware(WeightVersions)
+    app.add_middleware(Guard, api_keys=args.api_key, max_body=args.max_request_body_bytes)  # the outermost
     app.state.rollout = server
-    return Guard(WeightVersions(app), args.api_key, args.max_request_body_bytes)
+    return app
 
 
-async def supervise(server: Server):
-    """A dead replica: requests in flight and later ones get 503 at once, /health answers 503, the engine
-    processes it left behind are stopped (they would hold the accelerator's memory), then the server exits
-    with status 1 for its supervisor. A SIGTERM: after --shutdown-timeout, whatever still runs gets a 503
-    (and is aborted), so uvicorn's own deadline finds every connection answered."""
-    watch = asyncio.create_task(server.replicas.watch())
-    while not watch.done() and not server.uvicorn_server.should_exit:
-        await asyncio.wait({watch}, timeout=0.1)
-    if watch.done():
-        logger.error("a vLLM replica or its engine died; exiting with status 1 in %.0f s so a supervisor restarts "
-                     "the server", REPLICA_DEATH_GRACE_S)
-        server.exit_code = 1
-        if server.batcher.failure is None:  # else the batcher saw it first, from a broken pipe
-            server.batcher.fail_all(RetryableRequestError(
-                "A vLLM replica process died; the server is exiting for its supervisor to restart it."))
-        await asyncio.gather(asyncio.to_thread(stop_processes, server.replicas.engine_processes),
-                             asyncio.sleep(REPLICA_DEATH_GRACE_S))
-        server.uvicorn_server.should_exit = True
+async def supervise(server: Server, app):
+    """A dead replica: requests in flight and later ones get 503 at once, /health answers 503, every process of
+    the pool is stopped (an engine a dead replica left behind would hold the accelerator's memory), then the
+    server exits with status 1 for its supervisor."""
+    if not await server.replicas.watch():
         return
-    watch.cancel()
-    await asyncio.sleep(server.args.shutdown_timeout)
+    logger.error("a vLLM replica or its engine died; exiting with status 1 in %.0f s so a supervisor restarts "
+                 "the server", REPLICA_DEATH_GRACE_S)
+    server.exit_code = 1
     server.batcher.fail_all(RetryableRequestError(
-        f"The server shut down before this request finished (--shutdown-timeout {server.args.shutdown_timeout:g} "
-        "s); send it again."))
+        "A vLLM replica process died; the server is exiting for its supervisor to restart it."))
+    await asyncio.gather(asyncio.to_thread(server.replicas.stop), asyncio.sleep(REPLICA_DEATH_GRACE_S))
+    if (http := getattr(app.state, "server", None)) is not None:  # else vLLM's watchdog stops it once it runs
+        http.should_exit = True
 
 
 def exposed_without_key(host, api_key):
@@ -2855,63 +2846,90 @@ def exposed_without_key(host, api_key):
 
 
 def warn_if_exposed(args):
-    if exposed_without_key(args.host, args.api_key):
+    if not args.uds and exposed_without_key(args.host, args.api_key):
         logger.warning("Listening on %s without --api-key: anyone who can reach port %d can generate and "
                        "overwrite the model weights.", args.host, args.port)
 
 
-async def serve(args, server: Server, parent_config):
-    """The app on uvicorn until SIGTERM (drained for --shutdown-timeout) or a replica's death."""
-    warn_if_exposed(args)
+def uvicorn_options(args):
+    """What `vllm serve` gives uvicorn (vLLM's build_and_serve), and our grace for the answers cut at shutdown."""
+    import vllm.envs
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+
+    options = dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                   access_log=not args.disable_uvicorn_access_log,
+                   timeout_keep_alive=vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
+                   ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+                   ssl_ciphers=args.ssl_ciphers, h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+                   h11_max_header_count=args.h11_max_header_count, timeout_graceful_shutdown=SHUTDOWN_ANSWER_S)
+    if (log_config := get_uvicorn_log_config(args)) is not None:
+        options["log_config"] = log_config
+    return options
+
+
+async def serve(args, server: Server, parent_config, sock):
+    """The app on vLLM's launcher until SIGINT or SIGTERM (the engine client drains, then stops the pool) or a
+    replica's death."""
+    from vllm.entrypoints.launchers.launcher import serve_http
+
     app = await build(args, server, parent_config)
-    server.uvicorn_server = uvicorn.Server(uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, access_log=not
-        args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_ANSWER_S))
-    tasks = [asyncio.create_task(server.batcher.run()), asyncio.create_task(supervise(server))]
+    tasks = [asyncio.create_task(server.batcher.run()), asyncio.create_task(supervise(server, app))]
     try:
-        await server.uvicorn_server.serve()
+        await (await serve_http(app, sock, enable_ssl_refresh=args.enable_ssl_refresh, **uvicorn_options(args)))
     finally:
         for task in tasks:
             task.cancel()
-        # Stop the replicas now, not after the loop ends: asyncio.run() then waits for every pipe thread,
-        # and one may be waiting on a replica still generating for requests cut at --shutdown-timeout.
-        await asyncio.to_thread(server.replicas.stop)
-        if server.client is not None:
-            server.client.shutdown()
+        if server.client is not None:  # after a death: stop what is left; after a signal: a no-op
+            await asyncio.to_thread(server.client.shutdown, 0)
+
+
+def stop_on_signals():
+    """Until vLLM's launcher takes SIGINT and SIGTERM over: a clean exit (main() stops what started), once."""
+    def stop(*_):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        sys.exit(0)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
 
 
 def main(argv=None):
+    from vllm.entrypoints.launchers.launcher import setup_server
+    from vllm.platforms import current_platform
+
     args = parse_args(argv)
     logging.basicConfig(level=args.uvicorn_log_level.upper() if args.uvicorn_log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # SIGTERM unwinds main() so the replicas are always stopped; uvicorn re-raises it after its own
-    # graceful shutdown, which then ends here as a clean exit.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    stop_on_signals()
     adopt_orphans()
-    from vllm.platforms import current_platform
-
     parent_config, replica_configs = make_configs(args)
     on_cuda = parent_config.device_config.device_type == "cuda"
     try:
         envs = replica_envs(len(replica_configs), parent_config.parallel_config.world_size, on_cuda,
                             os.environ.get("CUDA_VISIBLE_DEVICES"), current_platform.device_count() if on_cuda
                             else 0, os.cpu_count())
-    except ValueError as exc:
+        # vLLM's own checks (tool and reasoning parsers, their plugins loaded), then the socket, bound before the
+        # engines load, as `vllm serve` does
+        listen_address, sock = setup_server(args, reuse_port=False)
+    except (ValueError, KeyError, OSError) as exc:
         sys.exit(f"vllm_serve.py: error: {exc}")
+    warn_if_exposed(args)
     replicas = Replicas(replica_configs, envs, log_stats=not args.disable_log_stats)
     batcher = Batcher(replicas, args.batch_wait_ms / 1000, args.round_wait_ms / 1000)
     weight_sync = WeightSync(args, replicas, batcher, parent_config.weight_transfer_config.backend, on_cuda)
     server = Server(args, replicas, batcher, weight_sync)
     try:
         replicas.start(args.replica_start_timeout)
-        logger.info("%d vLLM replica(s) ready: %s", len(replicas), replicas.infos)
-        asyncio.run(serve(args, server, parent_config))
+        logger.info("%d vLLM replica(s) ready: %s; serving on %s", len(replicas), replicas.infos, listen_address)
+        asyncio.run(serve(args, server, parent_config, sock))
     except ReplicaError as exc:
         logger.error("%s", exc)
         sys.exit(1)
     finally:
-        replicas.stop()  # a no-op once serve() stopped them
+        replicas.stop()  # a no-op once the engine client stopped them
         weight_sync.close()
+        sock.close()
         if "METRICS_DIR" in globals():
             shutil.rmtree(METRICS_DIR, ignore_errors=True)
     sys.exit(server.exit_code)

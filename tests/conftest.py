@@ -35,14 +35,15 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory):
-    """Factory: start_server(model, *args, env=None, name=..., kind="ours") → a healthy support.Server
+    """Factory: start_server(model, *args, env=None, name=..., kind="ours", tls=, uds=) → a healthy support.Server
     (`wait=False`: launched only, for servers that start side by side; call its wait_healthy()).
     Each is stopped at session end unless the test stopped it; none may leave a process behind."""
     log_dir = tmp_path_factory.mktemp("logs")
     started = []
 
-    def start(model, *args, env=None, name="server", kind="ours", wait=True):
-        server = support.Server(model, *support.SERVER_ARGS, *args, kind=kind, log_dir=log_dir, name=name, env=env)
+    def start(model, *args, env=None, name="server", kind="ours", wait=True, **listen):
+        server = support.Server(model, *support.SERVER_ARGS, *args, kind=kind, log_dir=log_dir, name=name, env=env,
+                                **listen)
         started.append(server)
         return server.start() if wait else server.launch()
 

@@ -17,11 +17,13 @@ import pathlib
 import random
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import time
 
+import httpx
 import requests
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -223,16 +225,20 @@ class Server:
     """`python vllm_serve.py` (kind "ours") or stock `vllm serve` (kind "stock") as a subprocess on a free
     loopback port, logging to a file. `launch()` returns at once, `wait_healthy()` polls /health."""
 
-    def __init__(self, model, *args, kind="ours", log_dir, name=None, env=None, served_name="tiny", script=None):
+    def __init__(self, model, *args, kind="ours", log_dir, name=None, env=None, served_name="tiny", script=None,
+                 tls=None, uds=None):
         self.kind, self.model, self.name = kind, model, name or kind
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls, self.uds = tls, uds  # (certificate, key) files: HTTPS only; a socket's path: no TCP port
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        listen = ["--uds", uds] if uds else ["--host", "127.0.0.1", "--port", str(self.port)]
+        listen += ["--ssl-certfile", tls[0], "--ssl-keyfile", tls[1]] if tls else []
         self.log_path = pathlib.Path(log_dir) / f"{self.name}-{self.port}.log"
         script = script or ROOT / "vllm_serve.py"  # bench/ runs an earlier commit's copy beside it
         entry = [str(script)] if kind == "ours" else ["-m", "vllm.entrypoints.openai.api_server"]
         extra = STOCK_ARGS if kind == "stock" else OURS_ARGS
         self.args = [sys.executable, *entry, "--model", model, "--served-model-name", served_name,
-                     "--host", "127.0.0.1", "--port", str(self.port), *extra, *args]
+                     *listen, *extra, *args]
         self.env = {**os.environ, **ENV, **(env or {})}
         self.proc = self.log = None
         self.children, self.left_behind, self.exit_code = [], [], None
@@ -252,8 +258,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                return requests.get(self.url + "/health", timeout=10).status_code == 200
-            except requests.RequestException:
+                with self.http() as http:
+                    return http.get("/health", timeout=10).status_code == 200
+            except httpx.HTTPError:
                 return False
 
         try:
@@ -276,6 +283,12 @@ class Server:
             self.stop_s, self.exit_code = time.perf_counter() - start, self.proc.returncode
             self.log.close()
         return self.exit_code
+
+    def http(self):
+        """An httpx client of the server however it listens (TCP, TLS with its own certificate, a Unix socket)."""
+        verify = ssl.create_default_context(cafile=self.tls[0]) if self.tls else True
+        transport = httpx.HTTPTransport(uds=self.uds, verify=verify) if self.uds else None
+        return httpx.Client(base_url=self.url, verify=verify, transport=transport, timeout=HANG_S)
 
     def log_tail(self, n=80):
         return "\n".join(self.log_text().splitlines()[-n:])

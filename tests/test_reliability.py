@@ -129,7 +129,7 @@ def test_every_route_but_the_probes_requires_the_key(server, expected):
                 assert response.status_code in (200, 405), (path, headers)
             else:  # an unknown route too: nothing is revealed without the key
                 assert_error_shape(response, 401)
-                assert response.json()["error"]["type"] == "AuthenticationError"
+                assert response.json()["error"]["type"] == "Unauthorized"  # vLLM's type for a GracefulHTTPError(401)
         if method == "GET" and path in served_gets:  # with the key: served
             assert requests.get(server.url + path, headers=AUTH, timeout=30).status_code == 200, path
     assert_error_shape(requests.get(server.url + "/no/such/route", headers=AUTH, timeout=30), 404)
@@ -179,11 +179,12 @@ def test_exposure_decision(host, api_key, exposed):
 
 
 def test_exposure_warning_is_logged(caplog):
-    for host, api_key, warned in [("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False)]:
+    for host, api_key, uds, warned in [("0.0.0.0", None, None, True), ("0.0.0.0", "k", None, False),
+                                       ("127.0.0.1", None, None, False), ("0.0.0.0", None, "/tmp/s.sock", False)]:
         caplog.clear()
         with caplog.at_level("WARNING", logger="vllm_serve"):
-            vllm_serve.warn_if_exposed(types.SimpleNamespace(host=host, port=8000, api_key=api_key))
-        assert any("without --api-key" in r.getMessage() for r in caplog.records) is warned, (host, api_key)
+            vllm_serve.warn_if_exposed(types.SimpleNamespace(host=host, port=8000, api_key=api_key, uds=uds))
+        assert any("without --api-key" in r.getMessage() for r in caplog.records) is warned, (host, api_key, uds)
 
 
 def test_body_cap_answers_413_with_content_length_and_chunked(server, expected):
@@ -651,9 +652,11 @@ def call_or_none(server, method, path, body=None):
 
 
 def sigterm(server):
-    """SIGTERM the server; return once it refuses new connections."""
+    """SIGTERM the server; return once it turns new requests away: a 503 while what runs drains (vLLM's launcher
+    keeps listening meanwhile, as `vllm serve` does), or a refused connection once it stopped listening."""
     server.proc.send_signal(signal.SIGTERM)
-    wait_until(lambda: call_or_none(server, "GET", "/health") is None, "new connections refused after SIGTERM")
+    wait_until(lambda: (r := call_or_none(server, "GET", "/health")) is None or r.status_code == 503,
+               "new requests turned away after SIGTERM")
 
 
 def in_flight(server, body, answers, name, started=None):
@@ -745,21 +748,24 @@ def test_sigterm_lets_a_running_request_finish_then_exits_cleanly(models, start_
 
 
 def test_sigterm_cuts_an_endless_request_with_a_503_then_exits_cleanly(models, start_server):
-    """SIGTERM with an endless request: new connections are refused while it still runs, it is cut at
+    """SIGTERM with an endless request: new requests get a 503 while it still runs, it is cut at
     --shutdown_timeout with a 503 in OpenAI's shape (not a dropped connection), the workers stop (one busy
-    generating for nobody included), the exit status is 0, and no process is left behind."""
-    # the cut comes 15 s after SIGTERM: the refusal of new connections, checked before it, takes milliseconds
+    generating for nobody included), the exit status is 0, no traceback is logged, and no process is left."""
+    # the cut comes 15 s after SIGTERM: the refusals, checked before it, take milliseconds
     server = start_server(models["seed0"], "--api-key", API_KEY, "--shutdown_timeout", "15", name="sigterm-cut")
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     answers = {}
     thread = in_flight(server, endless(), answers, "endless")
     server.wait_for_health(lambda h: h["requests_running"] == 1)
     sigterm(server)
+    late = call_or_none(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 1})
+    assert late is None or late.status_code == 503, late.text
     assert not answers, answers  # refused while the endless request was still being served
     thread.join(HANG_S)
     assert server.proc.wait(HANG_S) == 0
     status, text = answers["endless"]
     assert status == 503 and "shut down" in json.loads(text)["error"]["message"], (status, text[:500])
+    assert "Traceback" not in server.log_text(), server.log_tail()
     _, alive = psutil.wait_procs(tree, timeout=support.STOP_TIMEOUT_S)
     assert not alive, [(p.pid, p.name()) for p in alive]
 

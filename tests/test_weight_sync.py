@@ -291,7 +291,7 @@ def test_weight_sync_into_a_quantized_model_is_refused(models, start_server, tmp
             response = server.post(path, body)
             assert response.status_code == 409, (path, response.text)
             error = response.json()["error"]
-            assert error["type"] == "ConflictError" and "quantized model (compressed-tensors)" in error["message"]
+            assert error["type"] == "Conflict" and "quantized model (compressed-tensors)" in error["message"]
         with pytest.raises(VLLMClientError) as info:
             connect(server)  # what a trainer sees
         assert info.value.status_code == 409
