@@ -72,6 +72,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few minutes")
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated subset of " + ",".join(SCENARIOS))
+    parser.add_argument("--replot", action="store_true", help="only redraw results.png from results.json")
     add = lambda name, kind, help: parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,  # noqa
                                                        help=f"{help} (full: {PROFILES['full'][name]}, "
                                                             f"quick: {PROFILES['quick'][name]})")
@@ -490,28 +491,65 @@ def details(results):
 
 
 def plot(rows, path):
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
+    # a log axis has no 0 (a scenario that produced nothing: the table still shows it)
+    rows = sorted((r for r in rows if r["ratio"] > 0), key=lambda r: int(r["scenario"].split()[0]))
     if not rows:
         return
-    labels = [f"{r['scenario']} [{r['model']}]\n{r['metric']}" for r in rows][::-1]
-    values = [r["ratio"] for r in rows][::-1]
-    colors = ["tab:gray" if r["ok"] is None else "tab:green" if r["ok"] else "tab:red" for r in rows][::-1]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), values, color=colors)
-    for i, r in enumerate(rows[::-1]):
-        if r["target"] is not None:
-            ax.plot([r["target"]] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
-        ax.text(r["ratio"], i, f" {r['ratio']:.2f}x", va="center", fontsize=8)
-    ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.set_xlabel("ratio (green: meets target, red: misses, gray: info; black tick: target)")
+    # Log axis centred on 1: a 200x stall and a 0.9x miss both stay readable, and 2x is as long as 1/2x
+    extreme = max(max(v, 1 / v) for r in rows for v in (r["ratio"], r["target"] or 1))
+    limit = 10 ** (1.15 * math.log10(extreme) + 0.1)  # room for the value beyond the longest bar
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    fig, ax = plt.subplots(figsize=(12, 0.27 * (len(rows) + 1.5 * len(scenarios)) + 1.6))
+    y, ticks, labels = 0.0, [], []
+    for g, scenario in enumerate(scenarios):
+        top = y
+        ax.text(0.005, y, scenario, transform=ax.get_yaxis_transform(), fontweight="bold", fontsize=9, va="center")
+        for r in (r for r in rows if r["scenario"] == scenario):
+            y += 1
+            color, text = ("tab:gray", "black") if r["ok"] is None else ("tab:green", "darkgreen") if r["ok"] \
+                else ("tab:red", "firebrick")
+            ax.barh(y, r["ratio"] - 1, left=1, height=0.7, color=color)
+            if r["target"] is not None:
+                ax.plot(r["target"], y, marker="|", markersize=13, mew=2.5, color="black", zorder=3)
+            # the value goes beyond both the bar and the target tick, on the bar's side of 1, in the bar's
+            # colour: a bar near 1x is too thin to show its own
+            right = r["ratio"] >= 1
+            x = (max if right else min)(r["ratio"], r["target"] or r["ratio"])
+            ax.annotate(f"{r['ratio']:.2f}x", (x, y), xytext=(5 if right else -5, 0), textcoords="offset points",
+                        ha="left" if right else "right", va="center", fontsize=8, color=text,
+                        fontweight="normal" if r["ok"] is None else "bold")
+            ticks.append(y)
+            labels.append(f"{r['metric']} [{r['model']}], {fmt_target(r)}")
+        if g % 2 == 0:  # alternate shading: where one scenario ends is seen without reading
+            ax.axhspan(top - 0.5, y + 0.5, color="0.93", zorder=0)
+        y += 1.5
+    ax.set_ylim(y - 1, -0.5)
+    ax.set_xscale("log")
+    ax.set_xlim(1 / limit, limit)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+    ax.grid(axis="x", which="both", color="0.8", linewidth=0.5)
+    ax.set_axisbelow(True)
+    ax.axvline(1.0, color="0.3", linewidth=1)
+    ax.set_yticks(ticks, labels, fontsize=7.5)
+    ax.tick_params(axis="y", length=0)
+    ax.legend([Patch(color="tab:green"), Patch(color="tab:red"), Patch(color="tab:gray"),
+               Line2D([], [], marker="|", markersize=11, mew=2.5, color="black", linestyle="")],
+              ["meets its target", "misses its target", "no target (info)", "target"], loc="lower right", fontsize=8)
+    ax.set_xlabel("ratio, log scale (1x: parity with the reference; ≥ / ≤ in a label: which side is better)")
     ax.set_title("vllm_serve.py relative to its references")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # tight_layout alone clips the longest labels at 110 dpi
     plt.close(fig)
 
 
@@ -532,6 +570,9 @@ def environment():
 
 def main(argv=None):
     args = parse_args(argv)
+    if vars(args).pop("replot"):  # popped: not a setting of a run, so not in its config
+        plot(ratio_rows(json.loads((RESULTS / "results.json").read_text())), RESULTS / "results.png")
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: every server gets stopped
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
