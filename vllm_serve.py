@@ -38,10 +38,13 @@ Limits
     adapters, pooling models or profiling. `/v1` clamps a `max_tokens` that does not fit, as stock;
     the legacy routes answer it with 400, as TRL's server did. Weight sync into a quantized model is refused.
 
-Contents
-    Constants · Configuration · Worker side (warm-up, WeightEngine: a worker's side of an update) · Replica
-    process · Parent side: replicas, rounds and the gate, WeightSync (the update's state machine) · The
-    engine client · Routes (health, legacy generation, legacy weight sync, WeightVersions, Guard) · App, main()
+Contents (one banner section each, in this order; each uses only names defined above it)
+    Constants (and vLLM's exceptions for our errors) · Configuration · Worker side: 1 transfer plans, backups,
+    the reload; 2 WeightEngine, a worker's half of every update; 3 stock's transfer engine over gloo ·
+    Replica process · Replica pool (every process's lifecycle) · Batcher (rounds, the admission gate) ·
+    Weight sync (WeightSync, the update's state machine) · The engine client · Routes of ours (parsing,
+    health, TRL's weight sync) · TRL's legacy generation routes · Middleware (WeightVersions, Guard: auth,
+    body cap) · App, launcher, main()
 """
 
 import os
@@ -56,41 +59,107 @@ if __name__ == "__main__" and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import base64  # noqa: E402
 import contextlib  # noqa: E402
 import contextvars  # noqa: E402
 import copy  # noqa: E402
+import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
+import datetime  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import hmac  # noqa: E402
 from http import HTTPStatus  # noqa: E402
+import io  # noqa: E402
+import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import mmap  # noqa: E402
+from multiprocessing import shared_memory  # noqa: E402
 import multiprocessing  # noqa: E402
 import multiprocessing.util  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+import zlib  # noqa: E402
 
+from PIL import Image  # noqa: E402
+from huggingface_hub import snapshot_download  # noqa: E402
+import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+from starlette.requests import ClientDisconnect  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from vllm.config import set_current_vllm_config  # noqa: E402
+from vllm.config.weight_transfer import WeightTransferConfig  # noqa: E402
+from vllm.distributed.device_communicators import shm_broadcast  # noqa: E402
+from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator  # noqa: E402
+from vllm.distributed.utils import (StatelessProcessGroup,  # noqa: E402
+                                    stateless_init_torch_distributed_process_group)
+from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,  # noqa: E402
+                                                   WeightTransferUpdateInfo)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory  # noqa: E402
+from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES  # noqa: E402
+from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: E402
 from vllm.engine.protocol import EngineClient  # noqa: E402
-from vllm.exceptions import (GenerationError, GracefulHTTPError, RetryableRequestError, VLLMClientError,  # noqa: E402
-                             VLLMNotFoundError, VLLMValidationError)
+from vllm.entrypoints.launchers.api_server.app_state import init_app_state  # noqa: E402
+from vllm.entrypoints.launchers.app import build_app  # noqa: E402
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args  # noqa: E402
+from vllm.entrypoints.launchers.launcher import serve_http, setup_server  # noqa: E402
+from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config  # noqa: E402
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest  # noqa: E402
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest  # noqa: E402
+from vllm.entrypoints.rl.online import api_router as rl_router  # noqa: E402
+from vllm.entrypoints.serve.dev.server_info import api_router as server_info_router  # noqa: E402
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response  # noqa: E402
+from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler  # noqa: E402
+import vllm.envs  # noqa: E402
+from vllm.exceptions import (GenerationError, GracefulHTTPError, RetryableRequestError,  # noqa: E402
+                             VLLMClientError, VLLMNotFoundError, VLLMValidationError)
+from vllm.model_executor.layers.attention import is_deferred_attention_layer  # noqa: E402
+from vllm.model_executor.model_loader.reload.layerwise import (LOADING_LAYERS,  # noqa: E402
+                                                               _get_original_loader,
+                                                               _layerwise_process,
+                                                               _place_kernel_tensors,
+                                                               finalize_layerwise_reload,
+                                                               get_layerwise_info,
+                                                               initialize_layerwise_reload)
+from vllm.model_executor.model_loader.reload.meta import (SKIP_TENSORS, get_numel_loaded,  # noqa: E402
+                                                          materialize_meta_tensor)
+from vllm.model_executor.model_loader.reload.utils import (get_layer_tensors,  # noqa: E402
+                                                           get_tensor_load_numel)
+from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from vllm.platforms import current_platform  # noqa: E402
+from vllm.renderers import renderer_from_config  # noqa: E402
+from vllm.renderers.inputs.preprocess import extract_prompt_components  # noqa: E402
+from vllm.usage.usage_lib import UsageContext  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+from vllm.utils.nccl import unpinned_nccl_env  # noqa: E402
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
+from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
+from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
+from vllm.v1.engine.output_processor import RequestOutputCollector  # noqa: E402
 
 logger = logging.getLogger("vllm_serve")
 
 # ------------------------------------------------------------------------------------------------
 # Constants
 # ------------------------------------------------------------------------------------------------
+
 
 BATCH_WAIT_MS = 0.0  # when idle, how long the first request waits for company. 0: start at once; the rest
 #                     of a burst joins at the next engine step anyway, and a lone request pays no delay
@@ -141,9 +210,6 @@ def quiet_queues():
     QUEUE_RECHECK_MS, on every device. (Without any spin, a wake-up was lost at almost every engine step.)
     Run before the engine's queues exist: every process of a replica (vLLM spawns its EngineCore and workers)
     imports this file first, as the main module of a spawn, and workers again for the extension class."""
-    from vllm.distributed.device_communicators import shm_broadcast
-    from vllm.platforms import current_platform
-
     shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = QUEUE_RECHECK_MS
     if current_platform.is_cpu():  # on GPU the spin is vLLM's latency choice, and costs no compute
         shm_broadcast.SpinCondition.__init__.__defaults__ = (QUEUE_SPIN_S,)  # busy_loop_s
@@ -167,8 +233,6 @@ def rendering_error(error):
 
 def error_response(exc):
     """An exception answered outside vLLM's app (our outermost middleware), as vLLM's handlers answer it."""
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
     error = create_error_response(exc)
     return JSONResponse(error.model_dump(), status_code=error.error.code)
 
@@ -181,6 +245,7 @@ def is_int(x):
 # ------------------------------------------------------------------------------------------------
 # Configuration: vLLM's own parser, TRL's spellings, this server's flags
 # ------------------------------------------------------------------------------------------------
+
 
 TRL_RENAMED = {"--log-level": "--uvicorn-log-level", "--vllm-model-impl": "--model-impl"}  # trl vllm-serve 1.9
 TRUTHY, FALSY = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -196,9 +261,6 @@ DEFAULTS = dict(  # where stock's default differs, TRL's server wins: RL needs i
 
 
 def make_parser():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm_serve.py", description=__doc__.split("\n\n")[0]))
     ours = parser.add_argument_group("rollout server", "This server's own flags (the rest are vLLM's).")
     ours.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
@@ -244,8 +306,6 @@ def trl_argv(argv, parser):
 def export_config_env(argv):
     """A `--config` YAML may hold an `env:` mapping (as trl vllm-serve's): export it, and hand vLLM's parser
     the rest of the file. → argv with the config path replaced (or dropped when nothing else is in it)."""
-    import yaml
-
     if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
         return argv
     at = argv.index("--config")
@@ -260,8 +320,6 @@ def export_config_env(argv):
 
 
 def parse_args(argv=None):
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
-
     parser = make_parser()
     args = parser.parse_args(trl_argv(export_config_env(sys.argv[1:] if argv is None else list(argv)), parser))
     if getattr(args, "model_tag", None):
@@ -286,12 +344,6 @@ def parse_args(argv=None):
 
 def make_configs(args):
     """→ (the parent's VllmConfig with data-parallel size N, one per replica with size 1). No model loads."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.usage.usage_lib import UsageContext
-
-    from vllm.config.weight_transfer import WeightTransferConfig
-    from vllm.platforms import current_platform
-
     engine_args = AsyncEngineArgs.from_cli_args(args)
     engine_args.shutdown_timeout = 0  # the parent drains (--shutdown-timeout); an engine told to stop stops
     parent = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
@@ -322,17 +374,13 @@ def replica_seed(seed, rank, server):
     vLLM mixes a DP rank into its seed. With one seed for all, the k-th unseeded request on each replica (and
     on each server of a fleet: vLLM's default seed is 0 everywhere) would draw the same random numbers, and
     a GRPO group spread over them would hold duplicates. A request's own `seed` samples alike everywhere."""
-    import zlib
-
-    import numpy as np
-
     if seed is None:
         return None
     return int(np.random.SeedSequence((seed, rank, zlib.crc32(server.encode()))).generate_state(1)[0])
 
 
 # ------------------------------------------------------------------------------------------------
-# Worker side: what runs inside each vLLM worker (the warm-up, and its side of every weight update)
+# Worker side, 1: transfer plans, backups, the reload (helpers of a worker's update)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -356,8 +404,6 @@ def completed(query, timeout_s, stop=lambda: False):
 
 def torch_dtype(name):
     """"torch.bfloat16" or "bfloat16" → torch.bfloat16."""
-    import torch
-
     return getattr(torch, name.removeprefix("torch."))
 
 
@@ -419,8 +465,6 @@ class Backup:
 
     def restore(self):
         """Every module as it was, its tensors' storage holding the old values again; vLLM's reload state cleared."""
-        from vllm.model_executor.model_loader.reload.layerwise import LOADING_LAYERS, get_layerwise_info
-
         for module, state in self.modules:
             get_layerwise_info(module).reset()
             vars(module).clear()
@@ -435,13 +479,6 @@ def finalize_reload(model, model_config):
     build it on uninitialized memory. Here the parts not sent keep their old values where the layer's kernel
     tensors hold them in checkpoint format (same shape and dtype: CUDA's unquantized layers); otherwise (CPU's
     repacked GEMM weights) the layer keeps its old weights whole. → names of the layers left unchanged."""
-    from vllm.model_executor.layers.attention import is_deferred_attention_layer
-    from vllm.model_executor.model_loader.reload.layerwise import (_get_original_loader, _layerwise_process,
-                                                                   _place_kernel_tensors, finalize_layerwise_reload,
-                                                                   get_layerwise_info)
-    from vllm.model_executor.model_loader.reload.meta import SKIP_TENSORS, get_numel_loaded, materialize_meta_tensor
-    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors, get_tensor_load_numel
-
     unchanged = []
     for name, layer in model.named_modules():
         info = get_layerwise_info(layer)
@@ -479,6 +516,11 @@ def retie_lm_head(model, loaded_names):
         model.lm_head.quant_method.process_weights_after_loading(model.lm_head)
 
 
+# ------------------------------------------------------------------------------------------------
+# Worker side, 2: WeightEngine, a worker's half of every weight update, and vLLM's hook for it
+# ------------------------------------------------------------------------------------------------
+
+
 class WeightEngine:
     """One vLLM worker's side of weight updates, for both dialects and both transports.
 
@@ -501,8 +543,6 @@ class WeightEngine:
     def _configured(self):
         """vLLM's config as the current one: fp8, MoE and attention-scale processing read it (gpu_worker.py
         wraps its own weight updates the same way)."""
-        from vllm.config import set_current_vllm_config
-
         return set_current_vllm_config(self.vllm_config)
 
     def _aborted(self, epoch):
@@ -512,23 +552,15 @@ class WeightEngine:
         """Join the trainer's group: spec {backend, host, port, world_size, rank (this replica's first), source
         (the trainer's rank), timeout_s, barrier (TRL's NCCL clients barrier after each broadcast),
         nccl_unique_id_b64 (vLLM's store-less rendezvous), abort (the counter's name)}. → this worker's rank."""
-        import datetime
-
-        import torch
-
         self.leave()
         self.spec = spec = {**spec, "rank": spec["rank"] + self.vllm_config.parallel_config.rank}
         if spec.get("abort") and self.counter is None:  # mapped, not attached: the parent alone owns it
-            import mmap
-
             fd = os.open(f"/dev/shm/{spec['abort'].lstrip('/')}", os.O_RDONLY)
             self.counter = mmap.mmap(fd, 8, access=mmap.ACCESS_READ)
             os.close(fd)
         if spec["backend"] == "nccl":
             self.group = self._nccl_group(spec, epoch)
         else:
-            from vllm.distributed.utils import stateless_init_torch_distributed_process_group
-
             self.group = stateless_init_torch_distributed_process_group(
                 spec["host"], spec["port"], spec["rank"], spec["world_size"], backend="gloo",
                 timeout=datetime.timedelta(seconds=spec["timeout_s"]))
@@ -538,14 +570,6 @@ class WeightEngine:
     def _nccl_group(self, spec, epoch):
         """NCCL's set-up has no deadline of its own (ncclCommInitRank, a warm-up all-reduce): it runs in a thread,
         and a worker still inside it past the deadline exits (its server then exits for its supervisor)."""
-        import base64
-        import threading
-
-        import torch
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-        from vllm.utils.nccl import unpinned_nccl_env
-
         formed = {}
 
         def form():
@@ -606,8 +630,6 @@ class WeightEngine:
 
     def _stream_drained(self, timeout_s, epoch):
         """Whether this worker's CUDA stream finished its queued work within `timeout_s`."""
-        import torch
-
         event = torch.cuda.Event()
         event.record()
         try:
@@ -633,8 +655,6 @@ class WeightEngine:
 
     def begin(self):
         """Save the model, then open vLLM's layerwise reload (its layers move to the meta device until rebuilt)."""
-        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
-
         if self.backup is None:
             self.backup, self.loaded = Backup(self.model), set()
             with self._configured():
@@ -644,8 +664,6 @@ class WeightEngine:
     def receive(self, plan, epoch):
         """Take the broadcasts of `plan` (transfer_plan) and load them. A fresh buffer per broadcast: the reload
         keeps views of a layer's tensors until the layer is complete, and a layer may span two broadcasts."""
-        import torch
-
         if self.group is None:
             raise RuntimeError("No weight-sync group: the trainer must join one first.")
         self.begin()
@@ -717,16 +735,12 @@ class WeightSyncWorkerExtension:
         explicit KV cache size): a kernel that cannot take the served dtype on this CPU (AMX's int8 GEMM takes
         only bf16 or half activations) then fails at start-up rather than in every request. CUDA workers have
         run vLLM's own profiling pass by now."""
-        import torch
-
         if self.device.type == "cpu":
             with torch.inference_mode():
                 self.model_runner._dummy_run(1)
 
     def device_uuid(self):
         """This worker's GPU, as the trainer's client names its own (`client_device_uuid`); None on CPU."""
-        import torch
-
         return str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
 
     def weights(self, action, *args):
@@ -738,94 +752,88 @@ class WeightSyncWorkerExtension:
         return getattr(self.weight_engine, action)(*args)
 
 
-def gloo_transfer_engine():
+# ------------------------------------------------------------------------------------------------
+# Worker side, 3: stock vLLM's weight-transfer engine over gloo (for `vllm serve` and for us)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class GlooInitInfo(WeightTransferInitInfo):
+    """vLLM NCCL engine's init info, and a deadline (NCCL has none, and hangs)."""
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    packed: bool = False
+    packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES
+    packed_num_buffers: int = 2  # NCCL's double buffering; gloo's broadcasts are synchronous
+    timeout_s: float = WEIGHT_SYNC_TIMEOUT_S
+
+
+@dataclasses.dataclass
+class GlooUpdateInfo(WeightTransferUpdateInfo):
+    names: list
+    dtype_names: list
+    shapes: list
+    packed: bool | None = None  # per update, as clients of vLLM < 0.28 sent it
+
+    def __post_init__(self):
+        if not len(self.names) == len(self.dtype_names) == len(self.shapes):
+            raise ValueError("names, dtype_names and shapes must have the same length")
+
+
+class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
     """vLLM's weight-transfer engine interface (`--weight-transfer-config '{"backend": "gloo"}'`, the RL routes)
     over WeightEngine, for stock `vllm serve` on CPU, where vLLM's own engines all need CUDA (this server
     drives WeightEngine itself). The NCCL engine's init and update infos, ranks and packed layout, the trainer
     at rank 0. Registered as "gloo" wherever this module is imported: in vLLM's workers, through
     `--worker-extension-cls vllm_serve.WeightSyncWorkerExtension`, before they create their engine."""
-    from dataclasses import dataclass
 
-    from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
-                                                       WeightTransferUpdateInfo)
-    from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES
+    init_info_cls, update_info_cls = GlooInitInfo, GlooUpdateInfo
 
-    @dataclass(kw_only=True)
-    class InitInfo(WeightTransferInitInfo):
-        master_address: str
-        master_port: int
-        rank_offset: int
-        world_size: int
-        packed: bool = False
-        packed_buffer_size_bytes: int = DEFAULT_PACKED_BUFFER_SIZE_BYTES
-        packed_num_buffers: int = 2  # NCCL's double buffering; gloo's broadcasts are synchronous
-        timeout_s: float = WEIGHT_SYNC_TIMEOUT_S  # NCCL has none, and hangs
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weights = WeightEngine(self.model, self.vllm_config, self.device)
+        self.packed, self.buffer_bytes = False, DEFAULT_PACKED_BUFFER_SIZE_BYTES
 
-    @dataclass
-    class UpdateInfo(WeightTransferUpdateInfo):
-        names: list
-        dtype_names: list
-        shapes: list
-        packed: bool | None = None  # per update, as clients of vLLM < 0.28 sent it
+    def init_transfer_engine(self, init_info):
+        self.packed, self.buffer_bytes = init_info.packed, init_info.packed_buffer_size_bytes
+        first = init_info.rank_offset + self.parallel_config.data_parallel_index * self.parallel_config.world_size
+        self.weights.join({"backend": "gloo", "host": init_info.master_address, "port": init_info.master_port,
+                           "world_size": init_info.world_size, "rank": first, "source": 0,
+                           "timeout_s": init_info.timeout_s})
 
-        def __post_init__(self):
-            if not len(self.names) == len(self.dtype_names) == len(self.shapes):
-                raise ValueError("names, dtype_names and shapes must have the same length")
+    def start_weight_update(self):
+        self.weights.begin()
 
-    class GlooWeightTransferEngine(WeightTransferEngine[InitInfo, UpdateInfo]):
-        init_info_cls, update_info_cls = InitInfo, UpdateInfo
+    def update_weights(self, update_info):  # the base's ends with torch.accelerator.synchronize(): not on CPU
+        try:
+            self.receive_weights(self.parse_update_info(update_info))
+        except BaseException:
+            self.weights.rollback()  # vLLM's worker then refuses /finish_weight_update: the old weights serve
+            raise
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.weights = WeightEngine(self.model, self.vllm_config, self.device)
-            self.packed, self.buffer_bytes = False, DEFAULT_PACKED_BUFFER_SIZE_BYTES
+    def receive_weights(self, update_info):
+        packed = self.packed if update_info.packed is None else update_info.packed
+        metas = [{"name": n, "dtype": d, "shape": s}
+                 for n, d, s in zip(update_info.names, update_info.dtype_names, update_info.shapes)]
+        self.weights.receive(transfer_plan(metas, "packed" if packed else "tensors", self.buffer_bytes), 0)
 
-        def init_transfer_engine(self, init_info):
-            self.packed, self.buffer_bytes = init_info.packed, init_info.packed_buffer_size_bytes
-            first = init_info.rank_offset + self.parallel_config.data_parallel_index * self.parallel_config.world_size
-            self.weights.join({"backend": "gloo", "host": init_info.master_address, "port": init_info.master_port,
-                               "world_size": init_info.world_size, "rank": first, "source": 0,
-                               "timeout_s": init_info.timeout_s})
-
-        def start_weight_update(self):
-            self.weights.begin()
-
-        def update_weights(self, update_info):  # the base's ends with torch.accelerator.synchronize(): not on CPU
-            try:
-                self.receive_weights(self.parse_update_info(update_info))
-            except BaseException:
-                self.weights.rollback()  # vLLM's worker then refuses /finish_weight_update: the old weights serve
-                raise
-
-        def receive_weights(self, update_info):
-            packed = self.packed if update_info.packed is None else update_info.packed
-            metas = [{"name": n, "dtype": d, "shape": s}
-                     for n, d, s in zip(update_info.names, update_info.dtype_names, update_info.shapes)]
-            self.weights.receive(transfer_plan(metas, "packed" if packed else "tensors", self.buffer_bytes), 0)
-
-        def finish_weight_update(self):
-            try:
-                self.weights.load()
-            except BaseException:
-                self.weights.rollback()
-                raise
-            self.weights.commit()
-
-        def shutdown(self):
+    def finish_weight_update(self):
+        try:
+            self.weights.load()
+        except BaseException:
             self.weights.rollback()
-            self.weights.leave()
+            raise
+        self.weights.commit()
 
-    return GlooWeightTransferEngine
-
-
-def register_gloo_transfer_engine():
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
-
-    if "gloo" not in WeightTransferEngineFactory._registry:  # this module may be imported twice (as __main__)
-        WeightTransferEngineFactory.register_engine("gloo", gloo_transfer_engine())
+    def shutdown(self):
+        self.weights.rollback()
+        self.weights.leave()
 
 
-register_gloo_transfer_engine()
+if "gloo" not in WeightTransferEngineFactory._registry:  # this module may be imported twice (as __main__)
+    WeightTransferEngineFactory.register_engine("gloo", GlooWeightTransferEngine)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -859,9 +867,6 @@ class Replica:
     """
 
     def __init__(self, config, rank, log_stats, bell):
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.llm_engine import LLMEngine
-
         self.rank, self.bell = rank, bell
         self.engine = LLMEngine.from_vllm_config(config, usage_context=UsageContext.OPENAI_API_SERVER,
                                                  disable_log_stats=not log_stats)
@@ -873,8 +878,6 @@ class Replica:
         self.unfinished = set()  # keys of our requests still in the engine
 
     def info(self):
-        import torch
-
         config = self.engine.model_config
         return {"pid": os.getpid(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "supported_tasks": tuple(self.engine.get_supported_tasks()),
@@ -1053,7 +1056,7 @@ def replica_main(config, rank, log_stats, bell, conn):
 
 
 # ------------------------------------------------------------------------------------------------
-# Parent side: the replica processes, batching rounds, weight-sync state
+# Replica pool: spawn, pipes and their lock, watch, stop (every process's lifecycle)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -1286,8 +1289,6 @@ class Replicas:
 def adopt_orphans():
     """Become the subreaper of this process tree (Linux): an engine process whose parent is stopped mid start-up
     is then re-parented here, not to init, and a stop still finds it."""
-    import ctypes
-
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
@@ -1301,6 +1302,11 @@ def stop_processes(processes, timeout=ORPHAN_STOP_TIMEOUT_S):
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# Batcher: continuous batching in rounds, and the admission gate
+# ------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -1429,8 +1435,6 @@ class Batcher:
     def end_running(self, finish_reason):
         """Every admitted request ends now with an empty final output (vLLM's in-process engine sends none
         when its scheduler aborts them)."""
-        from vllm.outputs import CompletionOutput, RequestOutput
-
         for key, pending in list(self.pending.items()):
             if pending.sent:
                 del self.pending[key]
@@ -1501,6 +1505,11 @@ class Batcher:
         return sum(p.sent for p in self.pending.values())
 
 
+# ------------------------------------------------------------------------------------------------
+# Weight sync: one update's state machine over every replica (both dialects adapt onto it)
+# ------------------------------------------------------------------------------------------------
+
+
 def stock_metas(info, known):
     """One `update_info` of stock's dialect → [{name, dtype, shape}], or a 400 saying what is wrong. Each name
     must be in the checkpoint (`known`, when known) with as many elements: the broadcasts' sizes follow from
@@ -1546,8 +1555,6 @@ class WeightSync:
     last step, rolls back an update nobody finishes and ends a /pause nobody ends."""
 
     def __init__(self, args, replicas: Replicas, batcher: Batcher, backend, on_cuda):
-        from multiprocessing import shared_memory
-
         self.args, self.replicas, self.batcher = args, replicas, batcher
         self.backend, self.on_cuda = backend, on_cuda  # --weight-transfer-config's backend; the replicas' device
         self.steps = asyncio.Lock()
@@ -1586,13 +1593,9 @@ class WeightSync:
     @functools.cached_property
     def checkpoint_shapes(self):
         """{name: shape} from the checkpoint's safetensors headers (no tensor is read); None if unknown."""
-        from safetensors import safe_open
-
         path = pathlib.Path(self.args.model)
         if not path.is_dir():
             try:
-                from huggingface_hub import snapshot_download
-
                 path = pathlib.Path(snapshot_download(self.args.model, revision=self.args.revision,
                                                       allow_patterns=["*.safetensors"], local_files_only=True))
             except Exception:
@@ -1923,8 +1926,6 @@ class WeightSync:
     async def join_stock(self, init_info):
         """Stock's /init_weight_transfer_engine: the trainer is rank 0 and hosts the group; replica i's workers
         take the ranks after replica i-1's (each replica's engine counts from data-parallel index 0)."""
-        from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES
-
         info = init_info if isinstance(init_info, dict) else {}
         offset, world_size = info.get("rank_offset", 1), info.get("world_size")
         host, port, uid = info.get("master_address"), info.get("master_port"), info.get("nccl_unique_id_b64")
@@ -1973,9 +1974,6 @@ class ReplicaEngineClient(EngineClient):
     batcher, and yields the outputs that come back, as AsyncLLM does."""
 
     def __init__(self, vllm_config, batcher: Batcher, weight_sync: WeightSync, supported_tasks, pause_timeout_s):
-        from vllm.renderers import renderer_from_config
-        from vllm.v1.engine.input_processor import InputProcessor
-
         self.vllm_config, self.model_config = vllm_config, vllm_config.model_config
         self.renderer = renderer_from_config(vllm_config)
         self.input_processor = InputProcessor(vllm_config, self.renderer)
@@ -2017,9 +2015,6 @@ class ReplicaEngineClient(EngineClient):
                        session_id=None, kv_hints=None, reasoning_ended=None, reasoning_parser_kwargs=None):
         """Yields the request's RequestOutputs, the last one finished; closing the generator (a client that
         disconnected) aborts the request in its engine."""
-        from vllm.renderers.inputs.preprocess import extract_prompt_components
-        from vllm.v1.engine.output_processor import RequestOutputCollector
-
         if self.errored:
             raise self.dead_error
         await self.batcher.admission(self.pause_timeout_s)
@@ -2062,8 +2057,6 @@ class ReplicaEngineClient(EngineClient):
 
     async def abort(self, request_id, internal=False):
         """Abort by the serving layer's ids; each request ends with a final "abort" output, as in AsyncLLM."""
-        from vllm.outputs import CompletionOutput, RequestOutput
-
         for rid in [request_id] if isinstance(request_id, str) else list(request_id):
             for key in list(self.by_request_id.get(rid, ())):
                 pending = self.batcher.pending.get(key)
@@ -2165,7 +2158,7 @@ class ReplicaEngineClient(EngineClient):
 
 
 # ------------------------------------------------------------------------------------------------
-# Routes of ours: health, TRL's legacy generation routes and weight sync (parse → validate → delegate)
+# Routes of ours: parsing, health, TRL's weight sync (parse → validate → delegate)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -2178,8 +2171,6 @@ def finite(x):
 
 async def read_json(request):
     """The body as a JSON object, else 400. Its size is capped by `Guard`, chunked bodies included."""
-    from starlette.requests import ClientDisconnect
-
     try:
         raw = await request.body()
     except ClientDisconnect:  # nobody is left to read the answer; say why in the access log
@@ -2259,228 +2250,6 @@ async def health(request):
 async def get_world_size(request):
     weight_sync = state(request).weight_sync
     return JSONResponse({"world_size": weight_sync.world_size, "weight_sync_backend": weight_sync.backend})
-
-
-# --- legacy TRL generation: vLLM's request models and rendering, TRL's shapes ------------------------
-
-
-LEGACY_DEFAULTS = {"n": 1, "repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
-                   "max_tokens": 16, "logprobs": 0}  # trl vllm-serve's
-
-
-def legacy_request(model_cls, body, fields, **extra):
-    """TRL's body → vLLM's request model: its named fields and TRL's defaults, then `generation_kwargs`
-    (any field of the request model; a key it lacks is a 400, not silently dropped)."""
-    from pydantic import ValidationError
-
-    values = {name: LEGACY_DEFAULTS[name] if body.get(name) is None and name != "logprobs" else body.get(name)
-              for name in fields}
-    if "logprobs" in fields and "logprobs" not in body:
-        values["logprobs"] = LEGACY_DEFAULTS["logprobs"]
-    values["top_k"] = values.get("top_k") or -1  # TRL's 0 means "off", as vLLM's -1
-    kwargs = body.get("generation_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise http_error("`generation_kwargs` must be an object.", param="generation_kwargs")
-    unknown = set(kwargs) - set(model_cls.model_fields)
-    if unknown:
-        raise http_error(f"Unknown generation_kwargs: {sorted(unknown)}.", param="generation_kwargs")
-    if body.get("structured_outputs_regex"):
-        values["structured_outputs"] = {"regex": body["structured_outputs_regex"]}
-    try:
-        return model_cls.model_validate({**values, **kwargs, **extra})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise http_error(f"{err['msg']} (field: {param})" if param else err["msg"], param=param) from None
-
-
-async def legacy_generate_all(server, serving, request, engine_inputs, max_tokens, param):
-    """One generate() per engine input, all at once → their final RequestOutputs. TRL's contract: a 400
-    when `max_tokens` does not fit beside the prompt (the /v1 routes clamp it instead)."""
-    max_model_len = server.client.model_config.max_model_len
-    for engine_input in engine_inputs:
-        if "type" not in engine_input:  # a raw prompt (with images): vLLM checks its length once rendered
-            continue
-        room = max_model_len - len(engine_input["prompt_token_ids"])
-        if max_tokens > room:
-            raise http_error(f"max_tokens={max_tokens} does not fit in max_model_len={max_model_len} beside a "
-                             f"prompt of {len(engine_input['prompt_token_ids'])} tokens.", param=param)
-    params = request.to_sampling_params(max_tokens, serving.default_sampling_params)
-
-    async def final(engine_input, i):
-        output = None
-        async for output in server.client.generate(engine_input, params, f"legacy-{i}-{id(request)}"):
-            pass
-        return output
-
-    return await asyncio.gather(*(final(e, i) for i, e in enumerate(engine_inputs)))  # vLLM's handlers answer
-
-
-def legacy_response(outputs, versions=False):
-    """TRL's shape: prompt_ids per prompt; completion_ids, logprobs, logprob_token_ids per completion, the
-    logprobs of each position sorted by rank (the sampled token's included, as vLLM returns it). `versions`:
-    weight_versions too, per completion (as the /v1 routes give them)."""
-    completions = [c for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
-    ranked = None
-    if all(c.logprobs is not None for c in completions):
-        ranked = [[sorted(pos.items(), key=lambda kv: kv[1].rank) for pos in c.logprobs] for c in completions]
-    response = {"prompt_ids": [list(o.prompt_token_ids) for o in outputs],
-                "completion_ids": [list(c.token_ids) for c in completions],
-                "logprobs": [[[finite(lp.logprob) for _, lp in pos] for pos in c] for c in ranked] if ranked else None,
-                "logprob_token_ids": [[[tid for tid, _ in pos] for pos in c] for c in ranked] if ranked else None}
-    if versions:
-        response["weight_versions"] = [[dataclasses.asdict(span) for span in c.weight_versions or ()]
-                                       for c in completions]
-    return response
-
-
-async def legacy_generate(request):
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    server, body = state(request), await read_json(request)
-    prompts, images = listed(body, "prompts"), listed(body, "images", required=False)
-    if not all(isinstance(p, str) or (isinstance(p, list) and all(is_int(t) for t in p)) for p in prompts):
-        raise http_error("Each prompt must be a string or a list of token ids.", param="prompts")
-    serving = request.app.state.openai_serving_completion
-    fields = ["n", "repetition_penalty", "temperature", "top_p", "top_k", "min_p", "max_tokens", "logprobs"]
-    vllm_request = legacy_request(CompletionRequest, body, fields, prompt=prompts)
-    if images:  # vLLM's engine renders multimodal prompts itself (its placeholders expand per image)
-        engine_inputs = [with_images(prompt, images_of) for prompt, images_of in zip(prompts, legacy_images(images,
-                                                                                                          prompts))]
-    else:
-        engine_inputs = await serving.render_completion_request(vllm_request)
-    if not isinstance(engine_inputs, list):
-        raise rendering_error(engine_inputs)
-    outputs = await legacy_generate_all(server, serving, vllm_request, engine_inputs, vllm_request.max_tokens,
-                                        "max_tokens")
-    return JSONResponse(legacy_response(outputs, body.get("return_weight_versions") is True))
-
-
-def legacy_images(images, prompts):
-    """TRL's `images`: per prompt, null or a list of base64 PNG/JPEG strings → per prompt, a list of PIL images."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    if len(images) != len(prompts) or not all(i is None or isinstance(i, list) for i in images):
-        raise http_error("`images` must have one entry per prompt: null or a list of base64 strings.", param="images")
-    decoded = []
-    for entry in images:
-        try:
-            decoded.append([Image.open(io.BytesIO(base64.b64decode(b, validate=True))) for b in entry or []])
-            for image in decoded[-1]:
-                image.load()
-        except Exception as exc:
-            raise http_error(f"Invalid base64 image: {type(exc).__name__}: {exc}", param="images") from None
-    return decoded
-
-
-def with_images(prompt, images):
-    engine_input = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
-    return {**engine_input, "multi_modal_data": {"image": images}} if images else engine_input
-
-
-async def legacy_chat(request):
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-    server, body = state(request), await read_json(request)
-    conversations = listed(body, "messages")
-    if not all(isinstance(c, list) and all(isinstance(m, dict) for m in c) for c in conversations):
-        raise http_error("`messages` must be a list of conversations (lists of message objects).", param="messages")
-    serving = request.app.state.openai_serving_chat
-    logprobs = body.get("logprobs", LEGACY_DEFAULTS["logprobs"])
-    extra = {key: body[key] for key in ("tools", "chat_template", "chat_template_kwargs") if body.get(key) is not None}
-    outputs = []
-    for conversation in conversations:  # one render per conversation, as /v1/chat/completions
-        for message in conversation:  # TRL sends images as `image_pil` parts holding base64
-            for part in message.get("content") if isinstance(message.get("content"), list) else ():
-                if isinstance(part, dict) and part.get("type") == "image_pil":
-                    part.update(type="image_url", image_url={"url": f"data:image/png;base64,{part.pop('image_pil')}"})
-        vllm_request = legacy_request(
-            ChatCompletionRequest, body, ["n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                                          "max_tokens"], messages=conversation, **extra,
-            **({"logprobs": True, "top_logprobs": logprobs} if logprobs is not None else {}))
-        rendered = await serving.render_chat_request(vllm_request)
-        if not isinstance(rendered, tuple):
-            raise rendering_error(rendered)
-        outputs.append((vllm_request, rendered[1]))
-    results = await asyncio.gather(*(legacy_generate_all(server, serving, r, inputs, r.max_tokens, "max_tokens")
-                                     for r, inputs in outputs))
-    return JSONResponse(legacy_response([o for result in results for o in result],
-                                        body.get("return_weight_versions") is True))
-
-
-async def legacy_sequence_logprobs(request):
-    """Teacher scoring: top-k logprobs of every completion position of prompt+completion sequences."""
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    server, body = state(request), await read_json(request)
-    sequences, prompt_lengths = listed(body, "sequences"), listed(body, "prompt_lengths")
-    top_k, temperature = body.get("top_logprobs", LEGACY_LOGPROB_TOP_K), body.get("temperature", 1.0)
-    fmt = body.get("response_format", "json")
-    if len(sequences) != len(prompt_lengths):
-        raise http_error("`sequences` and `prompt_lengths` must have the same length.", param="prompt_lengths")
-    if not all(isinstance(s, list) and s and all(is_int(t) for t in s) for s in sequences):
-        raise http_error("Each sequence must be a non-empty list of token ids.", param="sequences")
-    if not is_int(top_k) or top_k < 1 or not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
-            or not 0 < temperature < math.inf:
-        raise http_error("top_logprobs must be an int >= 1 and temperature a finite number > 0.", param="top_logprobs")
-    if fmt not in ("json", "binary"):
-        raise http_error("response_format must be 'json' or 'binary'.", param="response_format")
-    if not all(is_int(n) and 0 <= n <= len(s) for s, n in zip(sequences, prompt_lengths)):
-        raise http_error("Each prompt_length must be in [0, len(sequence)].", param="prompt_lengths")
-    serving = request.app.state.openai_serving_completion
-    vllm_request = legacy_request(CompletionRequest, {}, [], prompt=sequences, prompt_logprobs=top_k,
-                                  temperature=temperature, max_tokens=1)
-    engine_inputs = await serving.render_completion_request(vllm_request)
-    if not isinstance(engine_inputs, list):
-        raise rendering_error(engine_inputs)
-    outputs = await legacy_generate_all(server, serving, vllm_request, engine_inputs, 1, "sequences")
-    rows = [teacher_rows(seq, n, out.prompt_logprobs or [], top_k)
-            for seq, n, out in zip(sequences, prompt_lengths, outputs)]
-    if fmt == "json":
-        return JSONResponse({"logprobs": [r[0] for r in rows], "logprob_token_ids": [r[1] for r in rows]})
-    return JSONResponse(binary_logprobs(rows, top_k))
-
-
-def teacher_rows(seq, prompt_length, positions, top_k):
-    """→ (top-k logprobs, their ids, the actual token's logprob, its id), one row per scored position."""
-    scored = range(max(prompt_length, 1), len(seq))
-    ranked = [sorted((positions[i] or {}).items(), key=lambda kv: kv[1].rank) if i < len(positions) else []
-              for i in scored]
-    ranked = [[kv for kv in row if kv[1].rank <= top_k][:top_k] or row[:top_k] for row in ranked]
-    actual = [(positions[i] or {}).get(seq[i]) if i < len(positions) else None for i in scored]
-    rows = ([[finite(lp.logprob) for _, lp in row] for row in ranked], [[tid for tid, _ in row] for row in ranked],
-            [[finite(a.logprob) if a else None] for a in actual], [[seq[i]] for i in scored])
-    if prompt_length == 0:  # the first token has no logprob (nothing precedes it)
-        rows = ([[]] + rows[0], [[]] + rows[1], [[None]] + rows[2], [[seq[0]]] + rows[3])
-    return rows
-
-
-def binary_logprobs(rows, top_k):
-    """TRL's binary response: float32/int32 arrays [batch, positions, k] as base64, -inf where empty."""
-    import base64
-
-    import numpy as np
-
-    lengths = [len(r[0]) for r in rows]
-    shape = [len(rows), max(lengths, default=0), top_k]
-    lp, ids = np.full(shape, -np.inf, dtype=np.float32), np.zeros(shape, dtype=np.int32)
-    alp, aid = np.full(shape[:2] + [1], -np.inf, dtype=np.float32), np.zeros(shape[:2] + [1], dtype=np.int32)
-    for b, (row_lp, row_ids, actual_lp, actual_ids) in enumerate(rows):
-        for t, (lps, tids) in enumerate(zip(row_lp, row_ids)):
-            lp[b, t, :len(lps)] = [x if x is not None else np.nan for x in lps]
-            ids[b, t, :len(tids)] = tids
-        for t, ((a_lp,), (a_id,)) in enumerate(zip(actual_lp, actual_ids)):
-            alp[b, t, 0] = a_lp if a_lp is not None else np.nan
-            aid[b, t, 0] = a_id
-    b64 = lambda a: base64.b64encode(a.tobytes()).decode()  # noqa: E731
-    return {"logprobs_b64": b64(lp), "token_ids_b64": b64(ids), "actual_logprobs_b64": b64(alp),
-            "actual_token_ids_b64": b64(aid), "shape": shape, "completion_lengths": lengths}
-
-
-# --- weight sync (TRL's protocol) -----------------------------------------------------------------
 
 
 def param_meta(weight_sync, body):
@@ -2597,10 +2366,212 @@ async def close_communicator(request):
     return JSONResponse({"message": "Request received, closing communicator"})
 
 
+# ------------------------------------------------------------------------------------------------
+# TRL's legacy generation routes: vLLM's request models and rendering, TRL's shapes
+# ------------------------------------------------------------------------------------------------
+
+
+LEGACY_DEFAULTS = {"n": 1, "repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                   "max_tokens": 16, "logprobs": 0}  # trl vllm-serve's
+
+
+def legacy_request(model_cls, body, fields, **extra):
+    """TRL's body → vLLM's request model: its named fields and TRL's defaults, then `generation_kwargs`
+    (any field of the request model; a key it lacks is a 400, not silently dropped)."""
+    values = {name: LEGACY_DEFAULTS[name] if body.get(name) is None and name != "logprobs" else body.get(name)
+              for name in fields}
+    if "logprobs" in fields and "logprobs" not in body:
+        values["logprobs"] = LEGACY_DEFAULTS["logprobs"]
+    values["top_k"] = values.get("top_k") or -1  # TRL's 0 means "off", as vLLM's -1
+    kwargs = body.get("generation_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise http_error("`generation_kwargs` must be an object.", param="generation_kwargs")
+    unknown = set(kwargs) - set(model_cls.model_fields)
+    if unknown:
+        raise http_error(f"Unknown generation_kwargs: {sorted(unknown)}.", param="generation_kwargs")
+    if body.get("structured_outputs_regex"):
+        values["structured_outputs"] = {"regex": body["structured_outputs_regex"]}
+    try:
+        return model_cls.model_validate({**values, **kwargs, **extra})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise http_error(f"{err['msg']} (field: {param})" if param else err["msg"], param=param) from None
+
+
+async def legacy_generate_all(server, serving, request, engine_inputs, max_tokens, param):
+    """One generate() per engine input, all at once → their final RequestOutputs. TRL's contract: a 400
+    when `max_tokens` does not fit beside the prompt (the /v1 routes clamp it instead)."""
+    max_model_len = server.client.model_config.max_model_len
+    for engine_input in engine_inputs:
+        if "type" not in engine_input:  # a raw prompt (with images): vLLM checks its length once rendered
+            continue
+        room = max_model_len - len(engine_input["prompt_token_ids"])
+        if max_tokens > room:
+            raise http_error(f"max_tokens={max_tokens} does not fit in max_model_len={max_model_len} beside a "
+                             f"prompt of {len(engine_input['prompt_token_ids'])} tokens.", param=param)
+    params = request.to_sampling_params(max_tokens, serving.default_sampling_params)
+
+    async def final(engine_input, i):
+        output = None
+        async for output in server.client.generate(engine_input, params, f"legacy-{i}-{id(request)}"):
+            pass
+        return output
+
+    return await asyncio.gather(*(final(e, i) for i, e in enumerate(engine_inputs)))  # vLLM's handlers answer
+
+
+def legacy_response(outputs, versions=False):
+    """TRL's shape: prompt_ids per prompt; completion_ids, logprobs, logprob_token_ids per completion, the
+    logprobs of each position sorted by rank (the sampled token's included, as vLLM returns it). `versions`:
+    weight_versions too, per completion (as the /v1 routes give them)."""
+    completions = [c for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
+    ranked = None
+    if all(c.logprobs is not None for c in completions):
+        ranked = [[sorted(pos.items(), key=lambda kv: kv[1].rank) for pos in c.logprobs] for c in completions]
+    response = {"prompt_ids": [list(o.prompt_token_ids) for o in outputs],
+                "completion_ids": [list(c.token_ids) for c in completions],
+                "logprobs": [[[finite(lp.logprob) for _, lp in pos] for pos in c] for c in ranked] if ranked else None,
+                "logprob_token_ids": [[[tid for tid, _ in pos] for pos in c] for c in ranked] if ranked else None}
+    if versions:
+        response["weight_versions"] = [[dataclasses.asdict(span) for span in c.weight_versions or ()]
+                                       for c in completions]
+    return response
+
+
+async def legacy_generate(request):
+    server, body = state(request), await read_json(request)
+    prompts, images = listed(body, "prompts"), listed(body, "images", required=False)
+    if not all(isinstance(p, str) or (isinstance(p, list) and all(is_int(t) for t in p)) for p in prompts):
+        raise http_error("Each prompt must be a string or a list of token ids.", param="prompts")
+    serving = request.app.state.openai_serving_completion
+    fields = ["n", "repetition_penalty", "temperature", "top_p", "top_k", "min_p", "max_tokens", "logprobs"]
+    vllm_request = legacy_request(CompletionRequest, body, fields, prompt=prompts)
+    if images:  # vLLM's engine renders multimodal prompts itself (its placeholders expand per image)
+        engine_inputs = [with_images(prompt, images_of) for prompt, images_of in zip(prompts, legacy_images(images,
+                                                                                                          prompts))]
+    else:
+        engine_inputs = await serving.render_completion_request(vllm_request)
+    if not isinstance(engine_inputs, list):
+        raise rendering_error(engine_inputs)
+    outputs = await legacy_generate_all(server, serving, vllm_request, engine_inputs, vllm_request.max_tokens,
+                                        "max_tokens")
+    return JSONResponse(legacy_response(outputs, body.get("return_weight_versions") is True))
+
+
+def legacy_images(images, prompts):
+    """TRL's `images`: per prompt, null or a list of base64 PNG/JPEG strings → per prompt, a list of PIL images."""
+    if len(images) != len(prompts) or not all(i is None or isinstance(i, list) for i in images):
+        raise http_error("`images` must have one entry per prompt: null or a list of base64 strings.", param="images")
+    decoded = []
+    for entry in images:
+        try:
+            decoded.append([Image.open(io.BytesIO(base64.b64decode(b, validate=True))) for b in entry or []])
+            for image in decoded[-1]:
+                image.load()
+        except Exception as exc:
+            raise http_error(f"Invalid base64 image: {type(exc).__name__}: {exc}", param="images") from None
+    return decoded
+
+
+def with_images(prompt, images):
+    engine_input = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+    return {**engine_input, "multi_modal_data": {"image": images}} if images else engine_input
+
+
+async def legacy_chat(request):
+    server, body = state(request), await read_json(request)
+    conversations = listed(body, "messages")
+    if not all(isinstance(c, list) and all(isinstance(m, dict) for m in c) for c in conversations):
+        raise http_error("`messages` must be a list of conversations (lists of message objects).", param="messages")
+    serving = request.app.state.openai_serving_chat
+    logprobs = body.get("logprobs", LEGACY_DEFAULTS["logprobs"])
+    extra = {key: body[key] for key in ("tools", "chat_template", "chat_template_kwargs") if body.get(key) is not None}
+    outputs = []
+    for conversation in conversations:  # one render per conversation, as /v1/chat/completions
+        for message in conversation:  # TRL sends images as `image_pil` parts holding base64
+            for part in message.get("content") if isinstance(message.get("content"), list) else ():
+                if isinstance(part, dict) and part.get("type") == "image_pil":
+                    part.update(type="image_url", image_url={"url": f"data:image/png;base64,{part.pop('image_pil')}"})
+        vllm_request = legacy_request(
+            ChatCompletionRequest, body, ["n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                          "max_tokens"], messages=conversation, **extra,
+            **({"logprobs": True, "top_logprobs": logprobs} if logprobs is not None else {}))
+        rendered = await serving.render_chat_request(vllm_request)
+        if not isinstance(rendered, tuple):
+            raise rendering_error(rendered)
+        outputs.append((vllm_request, rendered[1]))
+    results = await asyncio.gather(*(legacy_generate_all(server, serving, r, inputs, r.max_tokens, "max_tokens")
+                                     for r, inputs in outputs))
+    return JSONResponse(legacy_response([o for result in results for o in result],
+                                        body.get("return_weight_versions") is True))
+
+
+async def legacy_sequence_logprobs(request):
+    """Teacher scoring: top-k logprobs of every completion position of prompt+completion sequences."""
+    server, body = state(request), await read_json(request)
+    sequences, prompt_lengths = listed(body, "sequences"), listed(body, "prompt_lengths")
+    top_k, temperature = body.get("top_logprobs", LEGACY_LOGPROB_TOP_K), body.get("temperature", 1.0)
+    fmt = body.get("response_format", "json")
+    if len(sequences) != len(prompt_lengths):
+        raise http_error("`sequences` and `prompt_lengths` must have the same length.", param="prompt_lengths")
+    if not all(isinstance(s, list) and s and all(is_int(t) for t in s) for s in sequences):
+        raise http_error("Each sequence must be a non-empty list of token ids.", param="sequences")
+    if not is_int(top_k) or top_k < 1 or not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+            or not 0 < temperature < math.inf:
+        raise http_error("top_logprobs must be an int >= 1 and temperature a finite number > 0.", param="top_logprobs")
+    if fmt not in ("json", "binary"):
+        raise http_error("response_format must be 'json' or 'binary'.", param="response_format")
+    if not all(is_int(n) and 0 <= n <= len(s) for s, n in zip(sequences, prompt_lengths)):
+        raise http_error("Each prompt_length must be in [0, len(sequence)].", param="prompt_lengths")
+    serving = request.app.state.openai_serving_completion
+    vllm_request = legacy_request(CompletionRequest, {}, [], prompt=sequences, prompt_logprobs=top_k,
+                                  temperature=temperature, max_tokens=1)
+    engine_inputs = await serving.render_completion_request(vllm_request)
+    if not isinstance(engine_inputs, list):
+        raise rendering_error(engine_inputs)
+    outputs = await legacy_generate_all(server, serving, vllm_request, engine_inputs, 1, "sequences")
+    rows = [teacher_rows(seq, n, out.prompt_logprobs or [], top_k)
+            for seq, n, out in zip(sequences, prompt_lengths, outputs)]
+    if fmt == "json":
+        return JSONResponse({"logprobs": [r[0] for r in rows], "logprob_token_ids": [r[1] for r in rows]})
+    return JSONResponse(binary_logprobs(rows, top_k))
+
+
+def teacher_rows(seq, prompt_length, positions, top_k):
+    """→ (top-k logprobs, their ids, the actual token's logprob, its id), one row per scored position."""
+    scored = range(max(prompt_length, 1), len(seq))
+    ranked = [sorted((positions[i] or {}).items(), key=lambda kv: kv[1].rank) if i < len(positions) else []
+              for i in scored]
+    ranked = [[kv for kv in row if kv[1].rank <= top_k][:top_k] or row[:top_k] for row in ranked]
+    actual = [(positions[i] or {}).get(seq[i]) if i < len(positions) else None for i in scored]
+    rows = ([[finite(lp.logprob) for _, lp in row] for row in ranked], [[tid for tid, _ in row] for row in ranked],
+            [[finite(a.logprob) if a else None] for a in actual], [[seq[i]] for i in scored])
+    if prompt_length == 0:  # the first token has no logprob (nothing precedes it)
+        rows = ([[]] + rows[0], [[]] + rows[1], [[None]] + rows[2], [[seq[0]]] + rows[3])
+    return rows
+
+
+def binary_logprobs(rows, top_k):
+    """TRL's binary response: float32/int32 arrays [batch, positions, k] as base64, -inf where empty."""
+    lengths = [len(r[0]) for r in rows]
+    shape = [len(rows), max(lengths, default=0), top_k]
+    lp, ids = np.full(shape, -np.inf, dtype=np.float32), np.zeros(shape, dtype=np.int32)
+    alp, aid = np.full(shape[:2] + [1], -np.inf, dtype=np.float32), np.zeros(shape[:2] + [1], dtype=np.int32)
+    for b, (row_lp, row_ids, actual_lp, actual_ids) in enumerate(rows):
+        for t, (lps, tids) in enumerate(zip(row_lp, row_ids)):
+            lp[b, t, :len(lps)] = [x if x is not None else np.nan for x in lps]
+            ids[b, t, :len(tids)] = tids
+        for t, ((a_lp,), (a_id,)) in enumerate(zip(actual_lp, actual_ids)):
+            alp[b, t, 0] = a_lp if a_lp is not None else np.nan
+            aid[b, t, 0] = a_id
+    b64 = lambda a: base64.b64encode(a.tobytes()).decode()  # noqa: E731
+    return {"logprobs_b64": b64(lp), "token_ids_b64": b64(ids), "actual_logprobs_b64": b64(alp),
+            "actual_token_ids_b64": b64(aid), "shape": shape, "completion_lengths": lengths}
+
+
 def both(path, endpoint, methods):
     """A route under its legacy trailing-slash spelling and without it."""
-    from starlette.routing import Route
-
     return [Route(path, endpoint, methods=methods), Route(path + "/", endpoint, methods=methods)]
 
 
@@ -2632,6 +2603,11 @@ VLLM_ROUTES = {  # vLLM's routes we serve, as its app registers them; any other 
     "/update_weights", "/finish_weight_update", "/shutdown_weight_transfer_engine", "/update_weight_version",
     "/weight_info",
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# Middleware: weight versions in /v1 answers; auth and the body cap
+# ------------------------------------------------------------------------------------------------
 
 
 class WeightVersions:
@@ -2782,17 +2758,12 @@ class Guard:
 
 
 # ------------------------------------------------------------------------------------------------
-# App, serving, main()
+# App, launcher, main()
 # ------------------------------------------------------------------------------------------------
 
 
 async def build(args, server: Server, parent_config):
     """vLLM's app (its routes on VLLM_ROUTES, its state initialized over our client) plus ROUTES, behind Guard."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.rl.online import api_router as rl_router
-    from vllm.entrypoints.serve.dev.server_info import api_router as server_info_router
-
     tasks = server.replicas.infos[0]["supported_tasks"]
     server.client = ReplicaEngineClient(parent_config, server.batcher, server.weight_sync, tasks,
                                         args.weight_sync_timeout)
@@ -2806,9 +2777,6 @@ async def build(args, server: Server, parent_config):
                             if getattr(r, "path", None) in VLLM_ROUTES and r.path not in ours] + ROUTES
     # Starlette raises its HTTPException for an unknown route, and FastAPI for a body it cannot parse (too deep,
     # say): vLLM's handler, registered for FastAPI's subclass only, answers them in OpenAI's shape too.
-    from starlette.exceptions import HTTPException
-    from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
-
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.middleware_stack = None  # built already (vLLM's set-up looked at it); rebuilt at the first request
     app.add_middleware(WeightVersions)
@@ -2835,8 +2803,6 @@ async def supervise(server: Server, app):
 
 def exposed_without_key(host, api_key):
     """Whether anyone beyond this machine could generate and overwrite the weights."""
-    import ipaddress
-
     if api_key or host == "localhost":
         return False
     try:
@@ -2853,9 +2819,6 @@ def warn_if_exposed(args):
 
 def uvicorn_options(args):
     """What `vllm serve` gives uvicorn (vLLM's build_and_serve), and our grace for the answers cut at shutdown."""
-    import vllm.envs
-    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
-
     options = dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                    access_log=not args.disable_uvicorn_access_log,
                    timeout_keep_alive=vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
@@ -2870,8 +2833,6 @@ def uvicorn_options(args):
 async def serve(args, server: Server, parent_config, sock):
     """The app on vLLM's launcher until SIGINT or SIGTERM (the engine client drains, then stops the pool) or a
     replica's death."""
-    from vllm.entrypoints.launchers.launcher import serve_http
-
     app = await build(args, server, parent_config)
     tasks = [asyncio.create_task(server.batcher.run()), asyncio.create_task(supervise(server, app))]
     try:
@@ -2895,9 +2856,6 @@ def stop_on_signals():
 
 
 def main(argv=None):
-    from vllm.entrypoints.launchers.launcher import setup_server
-    from vllm.platforms import current_platform
-
     args = parse_args(argv)
     logging.basicConfig(level=args.uvicorn_log_level.upper() if args.uvicorn_log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
