@@ -202,13 +202,13 @@ TRAINER = contextvars.ContextVar("trainer", default=None)  # that name, for the 
 
 
 def quiet_queues():
-    """vLLM's shared-memory message queues (engine <-> workers) busy-wait less on CPU. Each reader spins for 1 s
-    after every read, and on CPU the core it spins on is the model's compute: on 2 cores, a DP-2 server's
+    """vLLM's shared-memory message queues (engine <-> workers) busy-wait less on CPU. Each reader spins for
+    1 s after every read, and on CPU the core it spins on is the model's compute: on 2 cores, a DP-2 server's
     spinning held its workers and a local trainer back ~1 s at every weight-sync step (27 per-parameter steps
-    of stock's dialect: 13 s; 1.2 s with QUEUE_SPIN_S). A reader past its spin waits for the writer's
-    wake-up, which vLLM can lose (a zmq PUB with SNDHWM=1; it looks again every 5 s), so it looks every
-    QUEUE_RECHECK_MS, on every device. (Without any spin, a wake-up was lost at almost every engine step.)
-    Run before the engine's queues exist: every process of a replica (vLLM spawns its EngineCore and workers)
+    of stock's dialect: 13 s; 1.2 s with QUEUE_SPIN_S). A reader past its spin waits for the writer's wake-up,
+    which vLLM can lose (a zmq PUB with SNDHWM=1; it looks again every 5 s), so it looks every
+    QUEUE_RECHECK_MS, on every device. (Without any spin, a wake-up was lost at almost every engine step.) Run
+    before the engine's queues exist: every process of a replica (vLLM spawns its EngineCore and workers)
     imports this file first, as the main module of a spawn, and workers again for the extension class."""
     shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = QUEUE_RECHECK_MS
     if current_platform.is_cpu():  # on GPU the spin is vLLM's latency choice, and costs no compute
@@ -413,8 +413,8 @@ def padded(nbytes):
 
 
 def transfer_plan(metas, layout, bucket_bytes=WEIGHT_BUCKET_BYTES):
-    """How a trainer's tensors ([{name, dtype, shape}], in order) arrive: one (bytes, typed, [(name, dtype, shape,
-    offset, nbytes)]) per broadcast.
+    """How a trainer's tensors ([{name, dtype, shape}], in order) arrive: one (bytes, typed, [(name, dtype,
+    shape, offset, nbytes)]) per broadcast.
     - "buckets", TRL's batched protocol (the client's vllm_client._buckets): each tensor padded to
       WEIGHT_ALIGN_BYTES, a new bucket whenever the next tensor would overflow a non-empty one;
     - "packed", vLLM's `pack_tensors`: back to back, a broadcast closes right after the tensor that takes its
@@ -464,7 +464,8 @@ class Backup:
         return sum(saved.nbytes for _, saved in self.values.values())
 
     def restore(self):
-        """Every module as it was, its tensors' storage holding the old values again; vLLM's reload state cleared."""
+        """Every module as it was, its tensors' storage holding the old values again; vLLM's reload state
+        cleared."""
         for module, state in self.modules:
             get_layerwise_info(module).reset()
             vars(module).clear()
@@ -475,10 +476,11 @@ class Backup:
 
 
 def finalize_reload(model, model_config):
-    """vLLM's `finalize_layerwise_reload`, except for a layer that received only part of its tensors: vLLM would
-    build it on uninitialized memory. Here the parts not sent keep their old values where the layer's kernel
-    tensors hold them in checkpoint format (same shape and dtype: CUDA's unquantized layers); otherwise (CPU's
-    repacked GEMM weights) the layer keeps its old weights whole. → names of the layers left unchanged."""
+    """vLLM's `finalize_layerwise_reload`, except for a layer that received only part of its tensors: vLLM
+    would build it on uninitialized memory. Here the parts not sent keep their old values where the layer's
+    kernel tensors hold them in checkpoint format (same shape and dtype: CUDA's unquantized layers); otherwise
+    (CPU's repacked GEMM weights) the layer keeps its old weights whole. → names of the layers left unchanged.
+    """
     unchanged = []
     for name, layer in model.named_modules():
         info = get_layerwise_info(layer)
@@ -525,11 +527,11 @@ class WeightEngine:
     """One vLLM worker's side of weight updates, for both dialects and both transports.
 
     The group: gloo into host memory (the load copies to the worker's device, so a CPU trainer can sync CUDA
-    workers) or NCCL on the worker's GPU. An update: `begin` saves the model (Backup) and opens vLLM's layerwise
-    reload; `receive` takes broadcasts and loads them (a layer is rebuilt once all its tensors arrived);
-    `load` finalizes the rest; then `commit` drops the backup, or `rollback` restores it, at any point.
-    Every wait ends at the group's deadline, or at once when the parent raises the abort counter past the
-    value it sent with the step."""
+    workers) or NCCL on the worker's GPU. An update: `begin` saves the model (Backup) and opens vLLM's
+    layerwise reload; `receive` takes broadcasts and loads them (a layer is rebuilt once all its tensors
+    arrived); `load` finalizes the rest; then `commit` drops the backup, or `rollback` restores it, at any
+    point. Every wait ends at the group's deadline, or at once when the parent raises the abort counter past
+    the value it sent with the step."""
 
     ACTIONS = {"join", "leave", "begin", "receive", "load", "commit", "rollback"}
 
@@ -549,9 +551,10 @@ class WeightEngine:
         return self.counter is not None and int.from_bytes(self.counter[:8], "little") != epoch
 
     def join(self, spec, epoch=0):
-        """Join the trainer's group: spec {backend, host, port, world_size, rank (this replica's first), source
-        (the trainer's rank), timeout_s, barrier (TRL's NCCL clients barrier after each broadcast),
-        nccl_unique_id_b64 (vLLM's store-less rendezvous), abort (the counter's name)}. → this worker's rank."""
+        """Join the trainer's group: spec {backend, host, port, world_size, rank (this replica's first),
+        source (the trainer's rank), timeout_s, barrier (TRL's NCCL clients barrier after each broadcast),
+        nccl_unique_id_b64 (vLLM's store-less rendezvous), abort (the counter's name)}. → this worker's rank.
+        """
         self.leave()
         self.spec = spec = {**spec, "rank": spec["rank"] + self.vllm_config.parallel_config.rank}
         if spec.get("abort") and self.counter is None:  # mapped, not attached: the parent alone owns it
@@ -568,8 +571,9 @@ class WeightEngine:
         return spec["rank"]
 
     def _nccl_group(self, spec, epoch):
-        """NCCL's set-up has no deadline of its own (ncclCommInitRank, a warm-up all-reduce): it runs in a thread,
-        and a worker still inside it past the deadline exits (its server then exits for its supervisor)."""
+        """NCCL's set-up has no deadline of its own (ncclCommInitRank, a warm-up all-reduce): it runs in a
+        thread, and a worker still inside it past the deadline exits (its server then exits for its
+        supervisor)."""
         formed = {}
 
         def form():
@@ -601,12 +605,12 @@ class WeightEngine:
         return formed["group"]
 
     def leave(self):
-        """Close the group: on a new join, on close, and on any failed step (the group is then unusable, and the
-        trainer's next broadcast fails at once instead of waiting for a receiver). NCCL's is aborted, which
-        ends a broadcast still posted; if this worker's CUDA stream is still blocked after that, the worker
-        exits: its engine then dies, and the server with it (status 1, for a supervisor), rather than hang every
-        later request behind a kernel that never ends. A gloo group whose broadcast is still pending (its
-        sender alive but stuck) is parked: its destructor would wait for that broadcast."""
+        """Close the group: on a new join, on close, and on any failed step (the group is then unusable, and
+        the trainer's next broadcast fails at once instead of waiting for a receiver). NCCL's is aborted,
+        which ends a broadcast still posted; if this worker's CUDA stream is still blocked after that, the
+        worker exits: its engine then dies, and the server with it (status 1, for a supervisor), rather than
+        hang every later request behind a kernel that never ends. A gloo group whose broadcast is still
+        pending (its sender alive but stuck) is parked: its destructor would wait for that broadcast."""
         group, self.group = self.group, None
         if group is None:
             return False
@@ -654,7 +658,8 @@ class WeightEngine:
         work.wait()  # raises the transport's error, if any
 
     def begin(self):
-        """Save the model, then open vLLM's layerwise reload (its layers move to the meta device until rebuilt)."""
+        """Save the model, then open vLLM's layerwise reload (its layers move to the meta device until
+        rebuilt)."""
         if self.backup is None:
             self.backup, self.loaded = Backup(self.model), set()
             with self._configured():
@@ -662,8 +667,9 @@ class WeightEngine:
         return self.backup.nbytes
 
     def receive(self, plan, epoch):
-        """Take the broadcasts of `plan` (transfer_plan) and load them. A fresh buffer per broadcast: the reload
-        keeps views of a layer's tensors until the layer is complete, and a layer may span two broadcasts."""
+        """Take the broadcasts of `plan` (transfer_plan) and load them. A fresh buffer per broadcast: the
+        reload keeps views of a layer's tensors until the layer is complete, and a layer may span two
+        broadcasts."""
         if self.group is None:
             raise RuntimeError("No weight-sync group: the trainer must join one first.")
         self.begin()
@@ -693,9 +699,10 @@ class WeightEngine:
         return len(plan)
 
     def load(self):
-        """Rebuild what the broadcasts left (attention layers, layers that got only part of their tensors), re-tie
-        a tied head, and drop what the old weights computed, as vLLM's own reload does (LoRA state, encoder and
-        multimodal caches). The backup stays until commit. → names of the layers left unchanged."""
+        """Rebuild what the broadcasts left (attention layers, layers that got only part of their tensors),
+        re-tie a tied head, and drop what the old weights computed, as vLLM's own reload does (LoRA state,
+        encoder and multimodal caches). The backup stays until commit. → names of the layers left unchanged.
+        """
         if self.backup is None:
             return []
         with self._configured():
@@ -783,10 +790,10 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
 
 
 class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
-    """vLLM's weight-transfer engine interface (`--weight-transfer-config '{"backend": "gloo"}'`, the RL routes)
-    over WeightEngine, for stock `vllm serve` on CPU, where vLLM's own engines all need CUDA (this server
-    drives WeightEngine itself). The NCCL engine's init and update infos, ranks and packed layout, the trainer
-    at rank 0. Registered as "gloo" wherever this module is imported: in vLLM's workers, through
+    """vLLM's weight-transfer engine interface (`--weight-transfer-config '{"backend": "gloo"}'`, the RL
+    routes) over WeightEngine, for stock `vllm serve` on CPU, where vLLM's own engines all need CUDA (this
+    server drives WeightEngine itself). The NCCL engine's init and update infos, ranks and packed layout, the
+    trainer at rank 0. Registered as "gloo" wherever this module is imported: in vLLM's workers, through
     `--worker-extension-cls vllm_serve.WeightSyncWorkerExtension`, before they create their engine."""
 
     init_info_cls, update_info_cls = GlooInitInfo, GlooUpdateInfo
@@ -915,7 +922,8 @@ class Replica:
 
     def step(self, errors):
         """One engine step; an engine failure fails the requests it was running (500: the server's fault, not
-        theirs), not the replica. (In vLLM's multiprocess layout the EngineCore dies with it: EngineDeadError.)"""
+        theirs), not the replica. (In vLLM's multiprocess layout the EngineCore dies with it:
+        EngineDeadError.)"""
         try:
             outputs = self.engine.step()
         except EngineDeadError:  # the replica exits with its engine (replica_main)
@@ -999,8 +1007,8 @@ class Replica:
         return self.engine.reset_prefix_cache()
 
     def shutdown(self):
-        """Stop vLLM's own processes (EngineCore, its workers) before this one exits, as `vllm serve` stops them
-        (the config's shutdown_timeout, 0: SIGTERM, then SIGKILL for what has not exited)."""
+        """Stop vLLM's own processes (EngineCore, its workers) before this one exits, as `vllm serve` stops
+        them (the config's shutdown_timeout, 0: SIGTERM, then SIGKILL for what has not exited)."""
         try:
             self.engine.engine_core.shutdown(timeout=self.engine.vllm_config.shutdown_timeout)
         except Exception as exc:
@@ -1045,9 +1053,10 @@ def replica_main(config, rank, log_stats, bell, conn):
         except OSError:  # parent gone
             break
     replica.shutdown()
-    # Skip the interpreter's teardown, seconds of garbage collection with torch and vLLM loaded that every stop
-    # of the server would wait for. multiprocessing's own exit step still runs: its finalizers release the
-    # semaphores this process made (tqdm's lock, for one), which its resource tracker would report as leaked.
+    # Skip the interpreter's teardown, seconds of garbage collection with torch and vLLM loaded that every
+    # stop of the server would wait for. multiprocessing's own exit step still runs: its finalizers release
+    # the semaphores this process made (tqdm's lock, for one), which its resource tracker would report as
+    # leaked.
     multiprocessing.util._exit_function()
     logging.shutdown()
     sys.stdout.flush()
@@ -1098,8 +1107,8 @@ def environment(env):
 
 
 def running(process, name=""):
-    """Whether a psutil process still runs (neither gone, PID reuse checked, nor a zombie nobody reaped) and its
-    name starts with `name`."""
+    """Whether a psutil process still runs (neither gone, PID reuse checked, nor a zombie nobody reaped) and
+    its name starts with `name`."""
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE and process.name().startswith(name)
     except psutil.Error:
@@ -1242,8 +1251,8 @@ class Replicas:
         return found
 
     async def watch(self):
-        """→ True once a replica died, False once the pool is being stopped; until then keeps `engine_processes`
-        current, so that those a dead replica leaves behind can be stopped."""
+        """→ True once a replica died, False once the pool is being stopped; until then keeps
+        `engine_processes` current, so that those a dead replica leaves behind can be stopped."""
         while not self.stopping:
             found = await asyncio.to_thread(self.find_engine_processes)
             if not self.alive():  # one that died while we looked may have lost its children already
@@ -1253,7 +1262,8 @@ class Replicas:
         return False
 
     async def died(self):
-        """After a failed exchange: whether a replica is dead (its pipe breaks a moment before its exit shows)."""
+        """After a failed exchange: whether a replica is dead (its pipe breaks a moment before its exit
+        shows)."""
         for _ in range(int(REPLICA_POLL_S / 0.05)):
             if not self.alive():
                 return True
@@ -1261,9 +1271,9 @@ class Replicas:
         return False
 
     def stop(self, timeout=REPLICA_STOP_TIMEOUT_S):
-        """Ask every replica to shut its engine down and exit; then stop whatever a killed, hung or still loading
-        one left behind. A stop may come at any moment of start-up: engine processes are looked for while
-        their replica still is their parent, and a replica that is not ready yet is not waited for."""
+        """Ask every replica to shut its engine down and exit; then stop whatever a killed, hung or still
+        loading one left behind. A stop may come at any moment of start-up: engine processes are looked for
+        while their replica still is their parent, and a replica that is not ready yet is not waited for."""
         self.stopping = True
         for conn in self.conns:
             with contextlib.suppress(OSError, BrokenPipeError):
@@ -1287,8 +1297,8 @@ class Replicas:
 
 
 def adopt_orphans():
-    """Become the subreaper of this process tree (Linux): an engine process whose parent is stopped mid start-up
-    is then re-parented here, not to init, and a stop still finds it."""
+    """Become the subreaper of this process tree (Linux): an engine process whose parent is stopped mid
+    start-up is then re-parented here, not to init, and a stop still finds it."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
@@ -1386,7 +1396,8 @@ class Batcher:
         self.gate.set()  # requests waiting for a weight update to end meet the error at submit()
 
     async def drain(self, timeout_s):
-        """At shutdown: new requests get a 503 at once, the ones in flight get `timeout_s` to finish, then a 503."""
+        """At shutdown: new requests get a 503 at once, the ones in flight get `timeout_s` to finish, then a
+        503."""
         self.closing = RetryableRequestError("The server is shutting down; send the request again.")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.idle(), timeout_s)
@@ -1408,7 +1419,8 @@ class Batcher:
     async def freeze(self, mode="keep", clear_cache=True):
         """The replicas' schedulers pause: "keep" freezes the admitted requests in their engines (with
         `clear_cache`, vLLM 0.32 preempts them: they are recomputed when thawed), "abort" ends them. Outputs
-        the engines produced meanwhile (the final ones of aborted requests, say) still reach their requests."""
+        the engines produced meanwhile (the final ones of aborted requests, say) still reach their requests.
+        """
         self.frozen = True
         for rank, outputs in enumerate(await self.replicas.call("pause", mode, clear_cache)):
             self.deliver(rank, outputs)
@@ -1535,14 +1547,14 @@ def stock_metas(info, known):
 
 
 def shared_gpu(client_uuid, worker_uuids):
-    """The trainer's GPU if one of the workers uses it too (NCCL cannot broadcast within one device), else None.
-    UUIDs as torch names them (`get_device_properties(d).uuid`); CPU workers have None."""
+    """The trainer's GPU if one of the workers uses it too (NCCL cannot broadcast within one device), else
+    None. UUIDs as torch names them (`get_device_properties(d).uuid`); CPU workers have None."""
     return client_uuid if client_uuid in set(worker_uuids) - {None} else None
 
 
 class WeightSync:
-    """The one owner of weight-sync state, for both dialects, which are thin adapters onto it: TRL's (the trainer
-    is the last rank of the group, /init_communicator) and stock vLLM's (the trainer is rank 0,
+    """The one owner of weight-sync state, for both dialects, which are thin adapters onto it: TRL's (the
+    trainer is the last rank of the group, /init_communicator) and stock vLLM's (the trainer is rank 0,
     /init_weight_transfer_engine). It holds the trainer's group, the update in progress, the weight version,
     and the admission gate, closed while /pause holds generation or an update runs.
 
@@ -1551,8 +1563,8 @@ class WeightSync:
     loads what arrives) → loading (every replica rebuilds the rest and empties its prefix cache) → committed
     (backups dropped and the version advanced, on every replica at once) → idle. Any failure on any replica
     rolls every replica back to what it saved, and the previous version keeps serving. Either way the gate
-    reopens. Steps run one at a time (`steps`). The deadline, --weight-sync-timeout after the trainer's
-    last step, rolls back an update nobody finishes and ends a /pause nobody ends."""
+    reopens. Steps run one at a time (`steps`). The deadline, --weight-sync-timeout after the trainer's last
+    step, rolls back an update nobody finishes and ends a /pause nobody ends."""
 
     def __init__(self, args, replicas: Replicas, batcher: Batcher, backend, on_cuda):
         self.args, self.replicas, self.batcher = args, replicas, batcher
@@ -1635,8 +1647,9 @@ class WeightSync:
                              "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
 
     def check_owner(self):
-        """409 for a step from a trainer whose group a newer one replaced (a restarted trainer's old self): it must
-        not reach the new group. Only clients that name their group (X-Weight-Sync-Group) can be told apart."""
+        """409 for a step from a trainer whose group a newer one replaced (a restarted trainer's old self): it
+        must not reach the new group. Only clients that name their group (X-Weight-Sync-Group) can be told
+        apart."""
         sender, owner = TRAINER.get(), (self.group or {}).get("owner")
         if sender and owner and sender != owner:
             raise http_error("This trainer's weight-sync group was replaced by a newer trainer's (a restarted "
@@ -1653,8 +1666,8 @@ class WeightSync:
             raise http_error(f"No weight-sync group: call {join} first.", status=409)
 
     def spec(self, replica, **fields):
-        """A replica's part of the group (WeightEngine.join): `rank` is the group's first rank of this server's
-        workers; the replica's first comes `replica` replicas later."""
+        """A replica's part of the group (WeightEngine.join): `rank` is the group's first rank of this
+        server's workers; the replica's first comes `replica` replicas later."""
         return {"backend": self.backend, "timeout_s": self.args.weight_sync_timeout, "abort": self.counter.name,
                 **fields, "rank": fields["rank"] + replica * self.workers}
 
@@ -1668,7 +1681,8 @@ class WeightSync:
                                                            lambda: self.background(self.expire()))
 
     def background(self, coroutine):
-        """Run a step on after the HTTP call that began it answered; its 409 reaches the trainer's next step."""
+        """Run a step on after the HTTP call that began it answered; its 409 reaches the trainer's next step.
+        """
         def done(task):
             self.tasks.discard(task)
             if not task.cancelled() and task.exception() and not isinstance(task.exception(), (VLLMClientError, GracefulHTTPError)):
@@ -1711,8 +1725,8 @@ class WeightSync:
         self.batcher.open()
 
     async def pause(self, mode, clear_cache):
-        """Stock's /pause: new requests wait. Running ones: "wait" lets them finish, "keep" freezes them in the
-        engine until /resume, "abort" ends them."""
+        """Stock's /pause: new requests wait. Running ones: "wait" lets them finish, "keep" freezes them in
+        the engine until /resume, "abort" ends them."""
         if mode not in ("abort", "wait", "keep"):
             raise ValueError(f"Invalid pause mode: {mode!r}; one of abort, wait, keep.")
         self.arm()
@@ -1758,8 +1772,8 @@ class WeightSync:
         self.steps.release()
 
     async def leave(self, commit=False):
-        """The trainer closes its group. An open per-parameter update commits with `commit` (TRL's per-parameter
-        protocol has no end marker); any other open update rolls back."""
+        """The trainer closes its group. An open per-parameter update commits with `commit` (TRL's
+        per-parameter protocol has no end marker); any other open update rolls back."""
         self.check_owner()
         if not commit:
             self.abort_waits()
@@ -1788,12 +1802,12 @@ class WeightSync:
 
     async def receive(self, dialect, plans, names, *, per_parameter=False, drain=False, finish=False,
                       version=None):
-        """Tensors the trainer broadcasts next: `plans` {rank: transfer_plan}. TRL's routes answer at once (its
-        trainer broadcasts after that) and the replicas' replies are read in the background: a batched update
-        commits once received (`finish`), a `per_parameter` one once every parameter of the checkpoint arrived
-        (or at /reset_prefix_cache, /close_communicator). Stock's /update_weights, and a TRL batched update
-        that does not `finish` (a client committing several servers together), answer once the tensors are
-        loaded. `drain`: running requests finish first instead of freezing."""
+        """Tensors the trainer broadcasts next: `plans` {rank: transfer_plan}. TRL's routes answer at once
+        (its trainer broadcasts after that) and the replicas' replies are read in the background: a batched
+        update commits once received (`finish`), a `per_parameter` one once every parameter of the checkpoint
+        arrived (or at /reset_prefix_cache, /close_communicator). Stock's /update_weights, and a TRL batched
+        update that does not `finish` (a client committing several servers together), answer once the tensors
+        are loaded. `drain`: running requests finish first instead of freezing."""
         self.arm()
         await self.steps.acquire()
         try:
@@ -1816,8 +1830,9 @@ class WeightSync:
         self.steps.release()
 
     async def _settle(self, replies, what, release=True):
-        """Await a step's replies (a coroutine or task); a failure closes the group, rolls back the open update,
-        and answers 409 saying what to do. `release`: the steps lock was handed to this background task."""
+        """Await a step's replies (a coroutine or task); a failure closes the group, rolls back the open
+        update, and answers 409 saying what to do. `release`: the steps lock was handed to this background
+        task."""
         try:
             try:
                 return await replies
@@ -1855,9 +1870,9 @@ class WeightSync:
         return self.report()
 
     async def finish(self, version=None):
-        """/finish_weight_update, and /reset_prefix_cache after TRL's per-parameter updates: commit the open update
-        (a trainer-named `version`, else the next number). With none open, only a named version is set, as
-        stock does. → the outcome."""
+        """/finish_weight_update, and /reset_prefix_cache after TRL's per-parameter updates: commit the open
+        update (a trainer-named `version`, else the next number). With none open, only a named version is set,
+        as stock does. → the outcome."""
         self.check_owner()
         self.arm()
         async with self.steps:
@@ -1912,8 +1927,8 @@ class WeightSync:
     # --- the dialects: each route's payload → the steps above ------------------------------------------
 
     async def join_legacy(self, host, port, client_device_uuid, offset, world_size):
-        """TRL's /init_communicator: the trainer is the last rank of `world_size`, this server's workers take the
-        ranks from `offset` up (a client syncing several servers gives each its own range)."""
+        """TRL's /init_communicator: the trainer is the last rank of `world_size`, this server's workers take
+        the ranks from `offset` up (a client syncing several servers gives each its own range)."""
         gpu = shared_gpu(client_device_uuid, [u for info in self.replicas.infos for u in info["gpu_uuids"]])
         if gpu and self.backend == "nccl":  # gloo goes through host memory: any device will do
             raise http_error(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL cannot "
@@ -1924,8 +1939,9 @@ class WeightSync:
                                    for rank in range(len(self.replicas))])
 
     async def join_stock(self, init_info):
-        """Stock's /init_weight_transfer_engine: the trainer is rank 0 and hosts the group; replica i's workers
-        take the ranks after replica i-1's (each replica's engine counts from data-parallel index 0)."""
+        """Stock's /init_weight_transfer_engine: the trainer is rank 0 and hosts the group; replica i's
+        workers take the ranks after replica i-1's (each replica's engine counts from data-parallel index 0).
+        """
         info = init_info if isinstance(init_info, dict) else {}
         offset, world_size = info.get("rank_offset", 1), info.get("world_size")
         host, port, uid = info.get("master_address"), info.get("master_port"), info.get("nccl_unique_id_b64")
@@ -1941,9 +1957,10 @@ class WeightSync:
                         packed=bool(info.get("packed", False)), buffer_bytes=buffer_bytes)
 
     async def receive_stock(self, update_info):
-        """Stock's /update_weights: {names, dtype_names, shapes[, packed]}, or a list of them indexed by worker
-        (vLLM's `data_parallel_index * world_size + rank`): replica i takes its workers' entry. Names and sizes
-        are checked against the checkpoint before anything is broadcast; shapes are the load's to check."""
+        """Stock's /update_weights: {names, dtype_names, shapes[, packed]}, or a list of them indexed by
+        worker (vLLM's `data_parallel_index * world_size + rank`): replica i takes its workers' entry. Names
+        and sizes are checked against the checkpoint before anything is broadcast; shapes are the load's to
+        check."""
         self.check_allowed()
         self.check_group("stock")
         infos = update_info if isinstance(update_info, list) else [update_info] * self.world_size
@@ -2150,7 +2167,8 @@ class ReplicaEngineClient(EngineClient):
         return self.weight_sync.version
 
     def shutdown(self, timeout=None):
-        """vLLM's launcher calls this from a thread at SIGINT or SIGTERM, with --shutdown-timeout: drain, stop."""
+        """vLLM's launcher calls this from a thread at SIGINT or SIGTERM, with --shutdown-timeout: drain,
+        stop."""
         if not self.batcher.failure and not self.loop.is_closed():
             asyncio.run_coroutine_threadsafe(self.batcher.drain(timeout or 0), self.loop).result()
         self.batcher.replicas.stop()
@@ -2316,7 +2334,8 @@ async def update_named_param(request):
 
 async def update_named_params(request):
     """Many tensors, broadcast in buckets after this answers; the update commits once they arrived (`finish`:
-    false leaves it open for /finish_weight_update: a client syncing several servers commits them together)."""
+    false leaves it open for /finish_weight_update: a client syncing several servers commits them together).
+    """
     weight_sync = state(request).weight_sync
     weight_sync.check_allowed()
     body = await read_json(request)
@@ -2460,7 +2479,8 @@ async def legacy_generate(request):
 
 
 def legacy_images(images, prompts):
-    """TRL's `images`: per prompt, null or a list of base64 PNG/JPEG strings → per prompt, a list of PIL images."""
+    """TRL's `images`: per prompt, null or a list of base64 PNG/JPEG strings → per prompt, a list of PIL
+    images."""
     if len(images) != len(prompts) or not all(i is None or isinstance(i, list) for i in images):
         raise http_error("`images` must have one entry per prompt: null or a list of base64 strings.", param="images")
     decoded = []
@@ -2612,9 +2632,10 @@ VLLM_ROUTES = {  # vLLM's routes we serve, as its app registers them; any other 
 
 class WeightVersions:
     """ASGI middleware: a /v1/completions or /v1/chat/completions body with `"return_weight_versions": true`
-    (vLLM 0.33's field; 0.32 has no such field) gets, per choice, the weights that sampled its tokens, in vLLM's
-    shape: `weight_versions: [{version, start, end}]` over output-token indexes, `[start, end)` (a stream: on
-    the last chunk of each choice). Any other request passes untouched: it stays byte for byte stock's."""
+    (vLLM 0.33's field; 0.32 has no such field) gets, per choice, the weights that sampled its tokens, in
+    vLLM's shape: `weight_versions: [{version, start, end}]` over output-token indexes, `[start, end)` (a
+    stream: on the last chunk of each choice). Any other request passes untouched: it stays byte for byte
+    stock's."""
 
     ROUTES = {"/v1/completions", "/v1/chat/completions"}
     FIELD = "return_weight_versions"
@@ -2763,7 +2784,8 @@ class Guard:
 
 
 async def build(args, server: Server, parent_config):
-    """vLLM's app (its routes on VLLM_ROUTES, its state initialized over our client) plus ROUTES, behind Guard."""
+    """vLLM's app (its routes on VLLM_ROUTES, its state initialized over our client) plus ROUTES, behind
+    Guard."""
     tasks = server.replicas.infos[0]["supported_tasks"]
     server.client = ReplicaEngineClient(parent_config, server.batcher, server.weight_sync, tasks,
                                         args.weight_sync_timeout)
@@ -2775,8 +2797,8 @@ async def build(args, server: Server, parent_config):
     ours = {route.path for route in ROUTES}
     app.router.routes[:] = [r for r in app.router.routes
                             if getattr(r, "path", None) in VLLM_ROUTES and r.path not in ours] + ROUTES
-    # Starlette raises its HTTPException for an unknown route, and FastAPI for a body it cannot parse (too deep,
-    # say): vLLM's handler, registered for FastAPI's subclass only, answers them in OpenAI's shape too.
+    # Starlette raises its HTTPException for an unknown route, and FastAPI for a body it cannot parse (too
+    # deep, say): vLLM's handler, registered for FastAPI's subclass only, answers them in OpenAI's shape too.
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.middleware_stack = None  # built already (vLLM's set-up looked at it); rebuilt at the first request
     app.add_middleware(WeightVersions)
@@ -2786,9 +2808,9 @@ async def build(args, server: Server, parent_config):
 
 
 async def supervise(server: Server, app):
-    """A dead replica: requests in flight and later ones get 503 at once, /health answers 503, every process of
-    the pool is stopped (an engine a dead replica left behind would hold the accelerator's memory), then the
-    server exits with status 1 for its supervisor."""
+    """A dead replica: requests in flight and later ones get 503 at once, /health answers 503, every process
+    of the pool is stopped (an engine a dead replica left behind would hold the accelerator's memory), then
+    the server exits with status 1 for its supervisor."""
     if not await server.replicas.watch():
         return
     logger.error("a vLLM replica or its engine died; exiting with status 1 in %.0f s so a supervisor restarts "
@@ -2818,7 +2840,8 @@ def warn_if_exposed(args):
 
 
 def uvicorn_options(args):
-    """What `vllm serve` gives uvicorn (vLLM's build_and_serve), and our grace for the answers cut at shutdown."""
+    """What `vllm serve` gives uvicorn (vLLM's build_and_serve), and our grace for the answers cut at
+    shutdown."""
     options = dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                    access_log=not args.disable_uvicorn_access_log,
                    timeout_keep_alive=vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
@@ -2867,8 +2890,8 @@ def main(argv=None):
         envs = replica_envs(len(replica_configs), parent_config.parallel_config.world_size, on_cuda,
                             os.environ.get("CUDA_VISIBLE_DEVICES"), current_platform.device_count() if on_cuda
                             else 0, os.cpu_count())
-        # vLLM's own checks (tool and reasoning parsers, their plugins loaded), then the socket, bound before the
-        # engines load, as `vllm serve` does
+        # vLLM's own checks (tool and reasoning parsers, their plugins loaded), then the socket, bound before
+        # the engines load, as `vllm serve` does
         listen_address, sock = setup_server(args, reuse_port=False)
     except (ValueError, KeyError, OSError) as exc:
         sys.exit(f"vllm_serve.py: error: {exc}")
