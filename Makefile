@@ -26,7 +26,7 @@ RUNTIME_REQS := requirements-cpu.txt
 CPU_ARGS     := --dtype float32 --enforce_eager --kv_cache_memory_bytes 268435456
 endif
 
-.PHONY: serve test bench gpu-check venv clean
+.PHONY: serve test bench fuzz gpu-check venv clean
 
 venv: $(VENV)/.complete
 
@@ -57,12 +57,16 @@ serve: venv
 	$(PY) vllm_serve.py --model $(MODEL) --host $(HOST) --port $(PORT) $(CPU_ARGS) $(ARGS)
 endif
 
-test bench gpu-check: export HF_HUB_OFFLINE := 1
+test bench fuzz gpu-check: export HF_HUB_OFFLINE := 1
 test: venv
 	$(PY) -m pytest tests -v -x --durations=15 $(ARGS)
 
 bench: venv
 	$(PY) bench/run_all.py $(ARGS)
+
+# Seeded fuzz of every route, ours (ARGS=--stock: stock vLLM): counts by route and status, exit 1 on any 5xx
+fuzz: venv
+	$(PY) bench/fuzz.py $(ARGS)
 
 # A fresh GPU box's self-check: serve, compare, sync, sample; a PASS/FAIL table (bench/gpu_check.py)
 gpu-check: venv

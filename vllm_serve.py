@@ -150,6 +150,9 @@ from vllm.usage.usage_lib import UsageContext  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 from vllm.utils.nccl import unpinned_nccl_env  # noqa: E402
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
+from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar  # noqa: E402
+from vllm.v1.structured_output.backend_outlines import validate_structured_output_request_outlines  # noqa: E402
+from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar  # noqa: E402
 from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm.v1.engine.output_processor import RequestOutputCollector  # noqa: E402
@@ -1998,6 +2001,7 @@ class ReplicaEngineClient(EngineClient):
         self.pause_timeout_s = pause_timeout_s  # a request waits this long at a closed gate, then gets a 503
         self.keys = itertools.count()
         self.loop = asyncio.get_running_loop()  # shutdown() comes from another thread
+        self.grammar = None  # the structured-output backend of every replica's engine (pin_grammar)
         self.by_request_id = {}  # the serving layer's request id → our keys (its ids may repeat)
 
     # --- state -----------------------------------------------------------------------------------
@@ -2043,6 +2047,7 @@ class ReplicaEngineClient(EngineClient):
                           session_id=session_id, kv_hints=kv_hints)  # validates the rank against our N
         if asyncio.iscoroutine(request):
             request = await request
+        self.pin_grammar(request.sampling_params)
         if prompt_text is None:
             prompt_text = extract_prompt_components(self.model_config, prompt).text
         if reasoning_ended is not None:
@@ -2071,6 +2076,21 @@ class ReplicaEngineClient(EngineClient):
             keys.discard(key)
             if not keys:
                 self.by_request_id.pop(request_id, None)
+
+    def pin_grammar(self, params):
+        """vLLM fixes one structured-output backend per engine, at its first structured request, while `auto`
+        picks one per request: a later request that only another backend takes fails in the engine step (a 500;
+        stock too, upstream). The first backend picked here is every replica's, and a request picked for another
+        is checked again for it: a 400 if it does not take it, as that backend's own check answers."""
+        outputs = params.structured_outputs if params is not None else None
+        if outputs is None or not outputs._backend_was_auto:
+            return
+        self.grammar = self.grammar or outputs._backend
+        if outputs._backend != self.grammar:
+            checks = {"xgrammar": validate_xgrammar_grammar, "guidance": validate_guidance_grammar,
+                      "outlines": validate_structured_output_request_outlines}
+            checks[self.grammar](params)
+            outputs._backend = self.grammar
 
     async def abort(self, request_id, internal=False):
         """Abort by the serving layer's ids; each request ends with a final "abort" output, as in AsyncLLM."""
@@ -2236,6 +2256,23 @@ def listed(body, key, required=True):
     if not isinstance(value, list) or (required and not value):
         raise http_error(f"`{key}` must be a non-empty list.", param=key)
     return value
+
+
+def unchecked_field(body):
+    """vLLM 0.32's completion and chat request models read `structured_outputs` (both) and `tools` (chat, when
+    `tool_choice` names a function) in validators that run before any type check, and a value of the wrong
+    type raises AttributeError or KeyError there: a 500, on stock `vllm serve` too (upstream bug). → (param,
+    message) of the 400 that vLLM's type checks would answer, or None."""
+    if not isinstance(body, dict):
+        return None
+    if body.get("structured_outputs") is not None and not isinstance(body["structured_outputs"], dict):
+        return "structured_outputs", "`structured_outputs` must be an object."
+    if isinstance(body.get("tool_choice"), dict) and isinstance(body.get("tools"), list):
+        for i, tool in enumerate(body["tools"]):
+            function = tool.get("function", ...) if isinstance(tool, dict) else None
+            if function is ... or isinstance(function, dict) and "name" not in function:
+                return f"tools.{i}.function", 'Each tool must be {"type": "function", "function": {"name": ...}}.'
+    return None
 
 
 @dataclasses.dataclass
@@ -2410,8 +2447,11 @@ def legacy_request(model_cls, body, fields, **extra):
         raise http_error(f"Unknown generation_kwargs: {sorted(unknown)}.", param="generation_kwargs")
     if body.get("structured_outputs_regex"):
         values["structured_outputs"] = {"regex": body["structured_outputs_regex"]}
+    fields = {**values, **kwargs, **extra}
+    if error := unchecked_field(fields):
+        raise http_error(error[1], param=error[0])
     try:
-        return model_cls.model_validate({**values, **kwargs, **extra})
+        return model_cls.model_validate(fields)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
@@ -2630,6 +2670,85 @@ VLLM_ROUTES = {  # vLLM's routes we serve, as its app registers them; any other 
 # ------------------------------------------------------------------------------------------------
 
 
+async def read_body(receive):
+    raw, more = [], True
+    while more:
+        message = await receive()
+        raw.append(message.get("body", b""))
+        more = message["type"] == "http.request" and message.get("more_body", False)
+    return b"".join(raw)
+
+
+def replayed(body, receive):
+    """The body, read already, then what the client sends next (its disconnect)."""
+    sent = []
+
+    async def replay():
+        if sent:
+            return await receive()
+        sent.append(True)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class FieldChecks:
+    """ASGI middleware: the 400 for a body that vLLM's request models would answer with a 500 (unchecked_field).
+    Only a body that names those fields is parsed."""
+
+    ROUTES = {"/v1/completions", "/v1/chat/completions", "/invocations"}
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
+            return await self.app(scope, receive, send)
+        body, error = await read_body(receive), None
+        if b"structured_outputs" in body or b"tool_choice" in body or b"\\u" in body:
+            with contextlib.suppress(ValueError):
+                error = unchecked_field(json.loads(body))
+        if error:
+            return await error_response(http_error(error[1], param=error[0]))(scope, receive, send)
+        await self.app(scope, replayed(body, receive), send)
+
+
+class StreamErrors:
+    """ASGI middleware: an error raised once a stream's 200 went out ends the stream with an error event in
+    vLLM's shape (Responses API: `event: error`), not a cut connection. vLLM's /v1/responses stream checks a
+    request's structured outputs only then (upstream; stock cuts the stream there)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        streaming = []
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                streaming.append(any(k == b"content-type" and v.startswith(b"text/event-stream")
+                                     for k, v in message["headers"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if not streaming or not streaming[0]:
+                raise
+            cause = exc.__cause__ or exc  # Starlette's "response already started" wraps the error
+            error = create_error_response(cause).error
+            if scope["path"] == "/v1/responses":
+                event = {"type": "error", "code": error.type, "message": error.message, "param": error.param,
+                         "sequence_number": -1}
+                body = b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+            else:
+                body = b"data: " + json.dumps({"error": error.model_dump()}).encode() + b"\n\ndata: [DONE]\n\n"
+            logger.warning("%s: a stream ended with %s: %s", scope["path"], error.code, error.message)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class WeightVersions:
     """ASGI middleware: a /v1/completions or /v1/chat/completions body with `"return_weight_versions": true`
     (vLLM 0.33's field; 0.32 has no such field) gets, per choice, the weights that sampled its tokens, in
@@ -2646,40 +2765,21 @@ class WeightVersions:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
             return await self.app(scope, receive, send)
-        raw, more = [], True
-        while more:
-            message = await receive()
-            raw.append(message.get("body", b""))
-            more = message["type"] == "http.request" and message.get("more_body", False)
-        body = b"".join(raw)
-        asked = None
+        body, asked = await read_body(receive), None
         if self.FIELD.encode() in body:
             with contextlib.suppress(ValueError):
                 asked = json.loads(body)
         if not isinstance(asked, dict) or asked.pop(self.FIELD, None) is not True:
-            return await self.app(scope, self.replay(body, receive), send)
+            return await self.app(scope, replayed(body, receive), send)
         body = json.dumps(asked).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
         spans, n = {}, asked.get("n") if is_int(asked.get("n")) else 1
         token = VERSION_SPANS.set(spans)
         try:
-            await self.app(scope, self.replay(body, receive), self.sender(send, spans, scope["path"], n))
+            await self.app(scope, replayed(body, receive), self.sender(send, spans, scope["path"], n))
         finally:
             VERSION_SPANS.reset(token)
-
-    @staticmethod
-    def replay(body, receive):
-        """The body, read already, then what the client sends next (its disconnect)."""
-        sent = []
-
-        async def replayed():
-            if sent:
-                return await receive()
-            sent.append(True)
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return replayed
 
     @staticmethod
     def choice_spans(spans, path, n):
@@ -2801,7 +2901,9 @@ async def build(args, server: Server, parent_config):
     # deep, say): vLLM's handler, registered for FastAPI's subclass only, answers them in OpenAI's shape too.
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.middleware_stack = None  # built already (vLLM's set-up looked at it); rebuilt at the first request
+    app.add_middleware(StreamErrors)
     app.add_middleware(WeightVersions)
+    app.add_middleware(FieldChecks)
     app.add_middleware(Guard, api_keys=args.api_key, max_body=args.max_request_body_bytes)  # the outermost
     app.state.rollout = server
     return app

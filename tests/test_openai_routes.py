@@ -277,6 +277,7 @@ def png_data_uri():
 
 BAD_COMPLETIONS = [  # (body, the `param` stock's answer names); tests/test_differential.py compares the rest
     ({"prompt": "", "max_tokens": 4}, "prompt"),
+    ({"prompt": "x", "max_tokens": 4, "structured_outputs": "x"}, "structured_outputs"),  # stock: 500
     ({"prompt": [], "max_tokens": 4}, None),
     ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
@@ -292,6 +293,10 @@ BAD_COMPLETIONS = [  # (body, the `param` stock's answer names); tests/test_diff
 ]
 BAD_CHATS = [
     ({"messages": []}, None),
+    # stock answers these two with a 500 (vLLM's request model reads the field before checking its type)
+    ({"messages": [{"role": "user", "content": "hi"}], "structured_outputs": [1]}, "structured_outputs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}],
+      "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tools.0.function"),
     ({"messages": "hi"}, "body.messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, None),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 10 ** 6, "logprobs": True}, "logprobs"),
@@ -322,6 +327,35 @@ def test_bad_chats_get_400(server, body, param):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if param:
         assert error["param"] == param, error
+
+
+def test_what_stock_answers_with_500_or_a_cut_stream_gets_a_400(server):
+    """Found by bench/fuzz.py, on stock `vllm serve` as on ours before: a schema only guidance takes, after a
+    request that fixed the engines' backend to xgrammar (a 500 in the engine step, stock too), gets xgrammar's
+    400 (a stream: its error event); the legacy routes check `structured_outputs` as /v1 does; and a
+    /v1/responses stream whose schema fails its check ends with an error event (the SDK yields it), not a cut."""
+    choice = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2,
+                                             "structured_outputs": {"choice": ["a", "b"]}})
+    assert choice.status_code == 200 and choice.json()["choices"][0]["text"] in ("a", "b"), choice.text
+    guidance_only = {"type": "object", "properties": {"a": {"type": "integer"}, "b": False}, "required": ["a"]}
+    for stream in (False, True):
+        response = server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 4,
+                                                   "structured_outputs": {"json": guidance_only}, "stream": stream})
+        if stream:  # vLLM's completions stream starts before its engine request: an error event ends it
+            events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+            assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]"), response.text
+            error = events[-1]["error"]
+        else:
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+        assert error["code"] == 400 and "grammar" in error["message"], error
+    legacy = server.post("/generate/", {"prompts": ["x"], "max_tokens": 2,
+                                        "generation_kwargs": {"structured_outputs": "x"}})
+    assert legacy.status_code == 400 and legacy.json()["error"]["param"] == "structured_outputs", legacy.text
+    events = list(sdk(server).responses.create(model="tiny", input="Hi", max_output_tokens=4, stream=True, text={
+        "format": {"type": "json_schema", "name": "a", "schema": {"type": "bogus"}}}))
+    assert events[-1].type == "error" and "bogus" in events[-1].message, events[-1]
+    assert server.health()["status"] == "ok"
 
 
 def test_malformed_json_unknown_model_and_text_only_image(server):
