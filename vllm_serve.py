@@ -43,8 +43,8 @@ Contents (one banner section each, in this order; each uses only names defined a
     the reload; 2 WeightEngine, a worker's half of every update; 3 stock's transfer engine over gloo ·
     Replica process · Replica pool (every process's lifecycle) · Batcher (rounds, the admission gate) ·
     Weight sync (WeightSync, the update's state machine) · The engine client · Routes of ours (parsing,
-    health, TRL's weight sync) · TRL's legacy generation routes · Middleware (WeightVersions, Guard: auth,
-    body cap) · App, launcher, main()
+    health, TRL's weight sync) · TRL's legacy generation routes · Middleware (FieldChecks, StreamErrors,
+    WeightVersions, Guard: auth, body cap) · App, launcher, main()
 """
 
 import os
@@ -2666,7 +2666,7 @@ VLLM_ROUTES = {  # vLLM's routes we serve, as its app registers them; any other 
 
 
 # ------------------------------------------------------------------------------------------------
-# Middleware: weight versions in /v1 answers; auth and the body cap
+# Middleware: field checks vLLM misses, errors in streams, weight versions in /v1 answers, auth, body cap
 # ------------------------------------------------------------------------------------------------
 
 

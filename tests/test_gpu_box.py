@@ -126,10 +126,9 @@ def test_a_broadcast_past_its_deadline_destroys_the_group_and_a_blocked_stream_e
 def nccl_fakes(monkeypatch, communicator):
     """NCCL's set-up without CUDA: the store and vLLM's communicator stood in for (pure unit tests)."""
     from vllm.distributed import utils as distributed_utils
-    from vllm.distributed.device_communicators import pynccl
 
     monkeypatch.setattr(distributed_utils.StatelessProcessGroup, "create", staticmethod(lambda **kwargs: "store"))
-    monkeypatch.setattr(pynccl, "PyNcclCommunicator", communicator)
+    monkeypatch.setattr(vllm_serve, "PyNcclCommunicator", communicator)  # the name vllm_serve imported
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
 
