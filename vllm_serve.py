@@ -2706,7 +2706,7 @@ class FieldChecks:
             return await self.app(scope, receive, send)
         body, error = await read_body(receive), None
         if b"structured_outputs" in body or b"tool_choice" in body or b"\\u" in body:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):  # vLLM's own parse answers it
                 error = unchecked_field(json.loads(body))
         if error:
             return await error_response(http_error(error[1], param=error[0]))(scope, receive, send)
@@ -2767,7 +2767,7 @@ class WeightVersions:
             return await self.app(scope, receive, send)
         body, asked = await read_body(receive), None
         if self.FIELD.encode() in body:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):  # vLLM's own parse answers it
                 asked = json.loads(body)
         if not isinstance(asked, dict) or asked.pop(self.FIELD, None) is not True:
             return await self.app(scope, replayed(body, receive), send)
