@@ -2693,8 +2693,9 @@ def replayed(body, receive):
 
 
 class FieldChecks:
-    """ASGI middleware: the 400 for a body that vLLM's request models would answer with a 500 (unchecked_field).
-    Only a body that names those fields is parsed."""
+    """ASGI middleware: the 400 for a body that vLLM would answer with a 500: fields its request models read
+    before checking them (unchecked_field), or, on /invocations, nesting too deep to parse. Only a body that
+    names those fields, or an /invocations body, is parsed."""
 
     ROUTES = {"/v1/completions", "/v1/chat/completions", "/invocations"}
 
@@ -2705,9 +2706,14 @@ class FieldChecks:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
             return await self.app(scope, receive, send)
         body, error = await read_body(receive), None
-        if b"structured_outputs" in body or b"tool_choice" in body or b"\\u" in body:
-            with contextlib.suppress(ValueError, RecursionError):  # vLLM's own parse answers it
+        if scope["path"] == "/invocations" or any(key in body for key in (b"structured_outputs", b"tool_choice",
+                                                                            b"\\u")):
+            try:
                 error = unchecked_field(json.loads(body))
+            except RecursionError:  # FastAPI's parse answers a 400, vLLM's /invocations (it parses itself) a 500
+                error = None, "The request body is nested too deeply to parse."
+            except ValueError:  # vLLM's parse answers it
+                pass
         if error:
             return await error_response(http_error(error[1], param=error[0]))(scope, receive, send)
         await self.app(scope, replayed(body, receive), send)
