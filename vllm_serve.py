@@ -2447,11 +2447,11 @@ def legacy_request(model_cls, body, fields, **extra):
         raise http_error(f"Unknown generation_kwargs: {sorted(unknown)}.", param="generation_kwargs")
     if body.get("structured_outputs_regex"):
         values["structured_outputs"] = {"regex": body["structured_outputs_regex"]}
-    fields = {**values, **kwargs, **extra}
-    if error := unchecked_field(fields):
+    merged = {**values, **kwargs, **extra}
+    if error := unchecked_field(merged):
         raise http_error(error[1], param=error[0])
     try:
-        return model_cls.model_validate(fields)
+        return model_cls.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
