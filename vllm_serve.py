@@ -3001,6 +3001,10 @@ def main(argv=None):
         # vLLM's own checks (tool and reasoning parsers, their plugins loaded), then the socket, bound before
         # the engines load, as `vllm serve` does
         listen_address, sock = setup_server(args, reuse_port=False)
+        if sock.family != socket.AF_UNIX:  # vLLM's socket has proto 0, so asyncio's loop leaves Nagle on in the
+            # connections it accepts (uvloop, stock's loop, turns it off): a keep-alive client's next request
+            # waited 40 ms for a delayed ACK. They inherit the listener's TCP_NODELAY.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (ValueError, KeyError, OSError) as exc:
         sys.exit(f"vllm_serve.py: error: {exc}")
     warn_if_exposed(args)
