@@ -43,8 +43,8 @@ Contents (one banner section each, in this order; each uses only names defined a
     the reload; 2 WeightEngine, a worker's half of every update; 3 stock's transfer engine over gloo ·
     Replica process · Replica pool (every process's lifecycle) · Batcher (rounds, the admission gate) ·
     Weight sync (WeightSync, the update's state machine) · The engine client · Routes of ours (parsing,
-    health, TRL's weight sync) · TRL's legacy generation routes · Middleware (FieldChecks, StreamErrors,
-    WeightVersions, Guard: auth, body cap) · App, launcher, main()
+    health, TRL's weight sync) · TRL's legacy generation routes · Middleware (StreamErrors, Bodies: checks vLLM
+    misses and weight versions, Guard: auth, body cap) · App, launcher, main()
 """
 
 import os
@@ -2065,7 +2065,7 @@ class ReplicaEngineClient(EngineClient):
                 output = collector.get_nowait() or await collector.get()
                 finished = output.finished
                 output.request_id = request_id  # what AsyncLLM yields: the caller's id
-                if spans is not None:  # the HTTP request asked for them (WeightVersions)
+                if spans is not None:  # the HTTP request asked for them (Bodies)
                     spans.update({(request_id, c.index): [dataclasses.asdict(span) for span in c.weight_versions]
                                   for c in output.outputs if c.weight_versions is not None})
                 yield output
@@ -2692,33 +2692,6 @@ def replayed(body, receive):
     return replay
 
 
-class FieldChecks:
-    """ASGI middleware: the 400 for a body that vLLM would answer with a 500: fields its request models read
-    before checking them (unchecked_field), or, on /invocations, nesting too deep to parse. Only a body that
-    names those fields, or an /invocations body, is parsed."""
-
-    ROUTES = {"/v1/completions", "/v1/chat/completions", "/invocations"}
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
-            return await self.app(scope, receive, send)
-        body, error = await read_body(receive), None
-        if scope["path"] == "/invocations" or any(key in body for key in (b"structured_outputs", b"tool_choice",
-                                                                            b"\\u")):
-            try:
-                error = unchecked_field(json.loads(body))
-            except RecursionError:  # FastAPI's parse answers a 400, vLLM's /invocations (it parses itself) a 500
-                error = None, "The request body is nested too deeply to parse."
-            except ValueError:  # vLLM's parse answers it
-                pass
-        if error:
-            return await error_response(http_error(error[1], param=error[0]))(scope, receive, send)
-        await self.app(scope, replayed(body, receive), send)
-
-
 class StreamErrors:
     """ASGI middleware: an error raised once a stream's 200 went out ends the stream with an error event in
     vLLM's shape (Responses API: `event: error`), not a cut connection. vLLM's /v1/responses stream checks a
@@ -2755,15 +2728,19 @@ class StreamErrors:
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-class WeightVersions:
-    """ASGI middleware: a /v1/completions or /v1/chat/completions body with `"return_weight_versions": true`
-    (vLLM 0.33's field; 0.32 has no such field) gets, per choice, the weights that sampled its tokens, in
-    vLLM's shape: `weight_versions: [{version, start, end}]` over output-token indexes, `[start, end)` (a
-    stream: on the last chunk of each choice). Any other request passes untouched: it stays byte for byte
-    stock's."""
+class Bodies:
+    """ASGI middleware: the body of a generation route, read once (parsed only when it names a field below).
+    - The 400 for a body that vLLM would answer with a 500: fields its request models read before checking
+      them (unchecked_field), or, on /invocations (whose handler parses it itself), nesting too deep to parse.
+    - A /v1/completions or /v1/chat/completions body with `"return_weight_versions": true` (vLLM 0.33's field;
+      0.32 has no such field) gets, per choice, the weights that sampled its tokens, in vLLM's shape:
+      `weight_versions: [{version, start, end}]` over output-token indexes, `[start, end)` (a stream: on the
+      last chunk of each choice).
+    Any other request passes untouched: it stays byte for byte stock's."""
 
-    ROUTES = {"/v1/completions", "/v1/chat/completions"}
+    ROUTES = {"/v1/completions", "/v1/chat/completions", "/invocations"}
     FIELD = "return_weight_versions"
+    NAMES = (b"structured_outputs", b"tool_choice", FIELD.encode(), b"\\u")  # \u: a name may be escaped
 
     def __init__(self, app):
         self.app = app
@@ -2772,10 +2749,17 @@ class WeightVersions:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
             return await self.app(scope, receive, send)
         body, asked = await read_body(receive), None
-        if self.FIELD.encode() in body:
-            with contextlib.suppress(ValueError, RecursionError):  # vLLM's own parse answers it
+        if scope["path"] == "/invocations" or any(name in body for name in self.NAMES):
+            try:
                 asked = json.loads(body)
-        if not isinstance(asked, dict) or asked.pop(self.FIELD, None) is not True:
+            except RecursionError:  # FastAPI's parse answers a 400, vLLM's /invocations a 500
+                return await error_response(http_error("The request body is nested too deeply to parse."))(
+                    scope, receive, send)
+            except ValueError:  # vLLM's parse answers it
+                pass
+        if error := unchecked_field(asked):
+            return await error_response(http_error(error[1], param=error[0]))(scope, receive, send)
+        if scope["path"] == "/invocations" or not isinstance(asked, dict) or asked.pop(self.FIELD, None) is not True:
             return await self.app(scope, replayed(body, receive), send)
         body = json.dumps(asked).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
@@ -2908,8 +2892,7 @@ async def build(args, server: Server, parent_config):
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.middleware_stack = None  # built already (vLLM's set-up looked at it); rebuilt at the first request
     app.add_middleware(StreamErrors)
-    app.add_middleware(WeightVersions)
-    app.add_middleware(FieldChecks)
+    app.add_middleware(Bodies)
     app.add_middleware(Guard, api_keys=args.api_key, max_body=args.max_request_body_bytes)  # the outermost
     app.state.rollout = server
     return app
