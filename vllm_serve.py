@@ -42,9 +42,10 @@ Contents (one banner section each, in this order; each uses only names defined a
     Constants (and vLLM's exceptions for our errors) · Configuration · Worker side: 1 transfer plans, backups,
     the reload; 2 WeightEngine, a worker's half of every update; 3 stock's transfer engine over gloo ·
     Replica process · Replica pool (every process's lifecycle) · Batcher (rounds, the admission gate) ·
-    Weight sync (WeightSync, the update's state machine) · The engine client · Routes of ours (parsing,
-    health, TRL's weight sync) · TRL's legacy generation routes · Middleware (StreamErrors, Bodies: checks vLLM
-    misses and weight versions, Guard: auth, body cap) · App, launcher, main()
+    Weight sync: 1 what a trainer may send; 2 Update, the transaction; 3 WeightSync, the trainer's group and
+    the update's steps · The engine client · Routes of ours (parsing, health, TRL's weight sync) · TRL's
+    legacy generation routes · Middleware (StreamErrors, Bodies: checks vLLM misses and weight versions,
+    Guard: auth, body cap) · App, launcher, main()
 """
 
 import os
@@ -1338,8 +1339,8 @@ class Batcher:
     queued since the last round and the aborts of requests whose client left, and answers with the
     outputs its engine produced. Replicas keep generating between rounds, so a request that arrives
     mid-generation joins the running batch. When idle, the first request opens a `wait_s` window to
-    gather a burst into one prefill. New requests pass one gate, which weight sync closes while generation
-    is paused or an update runs, and may freeze the replicas' schedulers meanwhile.
+    gather a burst into one prefill. New requests pass one gate, closed while anything holds it: /pause
+    ("pause") or a weight update ("update"); the holder may freeze the replicas' schedulers meanwhile.
     """
 
     def __init__(self, replicas: Replicas, wait_s: float, round_s: float):
@@ -1348,8 +1349,9 @@ class Batcher:
         self.queued = {}  # rank → [(EngineCoreRequest, prompt text)] not yet sent
         self.aborts = {}  # rank → keys to abort in its engine at the next round
         self.wake = asyncio.Event()  # a request or an abort arrived
-        self.gate = asyncio.Event()  # set while new requests are admitted (WeightSync opens and closes it)
+        self.gate = asyncio.Event()  # set while new requests are admitted: nothing holds it
         self.gate.set()
+        self.holds = set()  # who holds the gate: "pause", "update"
         self.drained = asyncio.Event()  # set while no admitted request runs
         self.drained.set()
         self.frozen = False  # the replicas' schedulers are paused: admitted requests wait in their engines
@@ -1411,14 +1413,6 @@ class Batcher:
         while self.pending:
             await asyncio.sleep(REPLICA_POLL_S / 20)
 
-    def close(self):
-        """New requests wait at the gate (admitted ones go on unless frozen)."""
-        self.gate.clear()
-
-    def open(self):
-        self.gate.set()
-        self.nudge()
-
     async def freeze(self, mode="keep", clear_cache=True):
         """The replicas' schedulers pause: "keep" freezes the admitted requests in their engines (with
         `clear_cache`, vLLM 0.32 preempts them: they are recomputed when thawed), "abort" ends them. Outputs
@@ -1434,6 +1428,45 @@ class Batcher:
             await self.replicas.call("resume")
         self.nudge()
 
+    def end_running(self, finish_reason):
+        """Every admitted request ends now with an empty final output (vLLM's in-process engine sends none
+        when its scheduler aborts them)."""
+        for key, pending in list(self.pending.items()):
+            if pending.sent:
+                del self.pending[key]
+                pending.collector.put(RequestOutput(
+                    request_id=key, prompt=None, prompt_token_ids=None, prompt_logprobs=None, finished=True,
+                    outputs=[CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None,
+                                              logprobs=None, finish_reason=finish_reason)]))
+
+    def hold(self, by):
+        """New requests wait at the gate until `by` releases it (admitted ones go on unless frozen)."""
+        self.holds.add(by)
+        self.gate.clear()
+
+    async def release(self, by):
+        """The gate opens once nothing holds it; frozen requests go on."""
+        self.holds.discard(by)
+        if not self.holds:
+            await self.thaw()
+            self.gate.set()
+            self.nudge()
+
+    async def pause(self, mode, clear_cache):
+        """Stock's /pause: new requests wait. Running ones: "wait" lets them finish, "keep" freezes them in
+        the engine until /resume, "abort" ends them."""
+        if mode not in ("abort", "wait", "keep"):
+            raise ValueError(f"Invalid pause mode: {mode!r}; one of abort, wait, keep.")
+        self.hold("pause")
+        if mode == "wait":  # in the parent: a replica that waited inside its engine would stop answering
+            await self.drained.wait()
+            if clear_cache:
+                await self.replicas.call("reset_prefix_cache")
+            return
+        await self.freeze(mode, clear_cache)
+        if mode == "abort":
+            self.end_running("abort")
+
     async def admission(self, timeout_s):
         """Returns once the gate is open; a 503 after waiting `timeout_s` at it."""
         if self.gate.is_set():
@@ -1446,17 +1479,6 @@ class Batcher:
                                         f"{timeout_s:g} s; send the request again.") from None
         finally:
             self.waiting -= 1
-
-    def end_running(self, finish_reason):
-        """Every admitted request ends now with an empty final output (vLLM's in-process engine sends none
-        when its scheduler aborts them)."""
-        for key, pending in list(self.pending.items()):
-            if pending.sent:
-                del self.pending[key]
-                pending.collector.put(RequestOutput(
-                    request_id=key, prompt=None, prompt_token_ids=None, prompt_logprobs=None, finished=True,
-                    outputs=[CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None,
-                                              logprobs=None, finish_reason=finish_reason)]))
 
     async def run(self):
         while True:
@@ -1521,8 +1543,60 @@ class Batcher:
 
 
 # ------------------------------------------------------------------------------------------------
-# Weight sync: one update's state machine over every replica (both dialects adapt onto it)
+# Weight sync, 1: what a trainer may send (the checkpoint's tensors; stock's payloads, checked)
 # ------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def checkpoint_shapes(model, revision):
+    """{name: shape} from the checkpoint's safetensors headers (no tensor is read); None if unknown."""
+    path = pathlib.Path(model)
+    if not path.is_dir():
+        try:
+            path = pathlib.Path(snapshot_download(model, revision=revision, allow_patterns=["*.safetensors"],
+                                                  local_files_only=True))
+        except Exception:
+            return None
+    shapes = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            shapes.update({name: list(f.get_slice(name).get_shape()) for name in f.keys()})
+    if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:  # tied embeddings
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    return shapes or None
+
+
+def whole_update(shapes):
+    """The tensors a whole per-parameter update sends (a tied head is not among them); None if unknown."""
+    if shapes is None:
+        return None
+    tied = shapes["lm_head.weight"] is shapes.get("model.embed_tokens.weight")
+    return set(shapes) - ({"lm_head.weight"} if tied else set())
+
+
+def shared_gpu(client_uuid, worker_uuids):
+    """The trainer's GPU if one of the workers uses it too (NCCL cannot broadcast within one device), else
+    None. UUIDs as torch names them (`get_device_properties(d).uuid`); CPU workers have None."""
+    return client_uuid if client_uuid in set(worker_uuids) - {None} else None
+
+
+def stock_group(init_info, ours):
+    """Stock's /init_weight_transfer_engine `init_info` → (the workers' part of the group, what the group
+    keeps), or a 400. The trainer is rank 0 and hosts the group; this server's `ours` workers take the ranks
+    from `rank_offset` up, replica i's after replica i-1's (each replica's engine counts from data-parallel
+    index 0)."""
+    info = init_info if isinstance(init_info, dict) else {}
+    offset, world_size = info.get("rank_offset", 1), info.get("world_size")
+    host, port, uid = info.get("master_address"), info.get("master_port"), info.get("nccl_unique_id_b64")
+    buffer_bytes = info.get("packed_buffer_size_bytes", DEFAULT_PACKED_BUFFER_SIZE_BYTES)
+    if not (is_int(offset) and is_int(world_size) and offset >= 1 and offset + ours <= world_size):
+        raise http_error(f"`init_info` needs integers `rank_offset` >= 1 and `world_size` >= rank_offset + "
+                         f"{ours} (this server's workers), the trainer at rank 0.", param="init_info")
+    if not (isinstance(uid, str) or (isinstance(host, str) and is_int(port))) or not is_int(buffer_bytes):
+        raise http_error("`init_info` needs `master_address` and an integer `master_port` (or "
+                         "`nccl_unique_id_b64`), and an integer `packed_buffer_size_bytes`.", param="init_info")
+    return ({"rank": offset, "host": host, "port": port, "world_size": world_size, "source": 0,
+             "nccl_unique_id_b64": uid}, {"packed": bool(info.get("packed", False)), "buffer_bytes": buffer_bytes})
 
 
 def stock_metas(info, known):
@@ -1537,11 +1611,12 @@ def stock_metas(info, known):
                          param="update_info")
     metas = []
     for name, dtype, shape in zip(names, dtypes, shapes):
-        if not isinstance(name, str) or not isinstance(dtype, str) or dtype.removeprefix("torch.") not in TORCH_DTYPES:
+        if not (isinstance(name, str) and isinstance(dtype, str) and dtype.removeprefix("torch.") in TORCH_DTYPES):
             raise http_error(f"Each name must be a string and each dtype one of {sorted(TORCH_DTYPES)}: got "
                              f"{json.dumps(name)}, {json.dumps(dtype)}.", param="update_info")
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-            raise http_error(f"The shape of {name!r} must be a list of non-negative integers.", param="update_info")
+            raise http_error(f"The shape of {name!r} must be a list of non-negative integers.",
+                             param="update_info")
         if known is not None and (name not in known or math.prod(shape) != math.prod(known[name])):
             raise http_error(f"{name!r} with shape {shape} is not a tensor of the served checkpoint"
                              + (f" (it has {known[name]})." if name in known else "."), param="update_info")
@@ -1549,25 +1624,120 @@ def stock_metas(info, known):
     return metas
 
 
-def shared_gpu(client_uuid, worker_uuids):
-    """The trainer's GPU if one of the workers uses it too (NCCL cannot broadcast within one device), else
-    None. UUIDs as torch names them (`get_device_properties(d).uuid`); CPU workers have None."""
-    return client_uuid if client_uuid in set(worker_uuids) - {None} else None
+def stock_plans(update_info, replicas, workers, known, group):
+    """Stock's /update_weights `update_info`: {names, dtype_names, shapes[, packed]}, or a list of them indexed
+    by worker (vLLM's `data_parallel_index * world_size + rank`), replica i taking its workers' entry →
+    ({replica: transfer plan}, names), or a 400. Names and sizes are checked against the checkpoint
+    (`known`) before anything is broadcast; shapes are the load's to check."""
+    total = replicas * workers
+    infos = update_info if isinstance(update_info, list) else [update_info] * total
+    if len(infos) != total:
+        raise http_error(f"`update_info` lists {len(infos)} entries; this server has {total} workers "
+                         f"({replicas} replicas x {workers}).", param="update_info")
+    chosen = [infos[rank * workers] for rank in range(replicas)]
+    if any(infos[rank * workers:(rank + 1) * workers] != [info] * workers for rank, info in enumerate(chosen)):
+        raise http_error("The workers of one replica must get the same `update_info`.", param="update_info")
+    plans, names = {}, set()
+    for rank, info in enumerate(chosen):
+        metas = stock_metas(info, known)
+        packed = group["packed"] if info.get("packed") is None else info["packed"]
+        plans[rank] = transfer_plan(metas, "packed" if packed else "tensors", group["buffer_bytes"])
+        names |= {meta["name"] for meta in metas}
+    return plans, names
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight sync, 2: Update, one weight update over every replica, a transaction
+# ------------------------------------------------------------------------------------------------
+
+
+class Update:
+    """The weight update over every replica, a transaction: idle → open (new requests wait at the batcher's
+    gate, running ones freeze, to be recomputed on the weights that come out) → receiving (each replica saves
+    its weights, then loads what arrives) → loading (every replica rebuilds the rest and empties its prefix
+    cache) → committed (backups dropped and the version advanced, on every replica at once) → idle. A
+    rollback puts every replica back to what it saved, and the previous version keeps serving. Either way
+    the gate reopens. WeightSync runs its steps, one at a time."""
+
+    def __init__(self, replicas: Replicas, batcher: Batcher):
+        self.replicas, self.batcher = replicas, batcher
+        self.state = "idle"  # idle, open, receiving, loading
+        self.per_parameter = False  # it came from /update_named_param (no end marker)
+        self.arrived = set()  # names received
+        self.named = None  # the version the trainer named for it
+        self.version, self.commits, self.rollbacks = "default", 0, 0  # "default": vLLM's, for weights never updated
+        self.last = None  # the last update's outcome
+
+    def report(self):
+        return {"state": self.state, "version": self.version, "commits": self.commits,
+                "rollbacks": self.rollbacks, "last": self.last}
+
+    async def open(self, freeze=True):
+        """The first step of an update (none if one is open): the gate closes, running requests freeze."""
+        if self.state == "idle":
+            self.state, self.per_parameter, self.arrived, self.named = "open", False, set(), None
+            self.batcher.hold("update")
+            if freeze and not self.batcher.frozen:
+                await self.batcher.freeze("keep", True)
+
+    def receiving(self, per_parameter, version):
+        """Tensors are on their way (each replica saves its weights before it loads the first)."""
+        self.state, self.per_parameter = "receiving", self.per_parameter or per_parameter
+        self.named = version if version is not None else self.named
+
+    async def finish(self, version):
+        """Commit (a `version` named now or earlier, else the next number); an update that received nothing
+        leaves the weights as they were, and only a named version is set, as stock does. → the outcome."""
+        if self.state in ("idle", "open"):
+            if self.state == "open":
+                self.state = "idle"
+                await self.batcher.release("update")
+            if version is not None:
+                await self.set_version(version)
+            return {"outcome": "nothing to commit", "version": self.version}
+        self.state = "loading"
+        try:
+            loaded = await self.replicas.call("weights", "load")
+        except ReplicaError as exc:
+            if not self.replicas.alive():
+                raise
+            await self.rollback(f"loading the new weights failed: {exc}")
+            raise http_error(f"Loading the new weights failed, and the update was rolled back (the previous weights "
+                             f"serve): {exc}", status=409) from None
+        version = version or self.named or str(int(self.version) + 1 if self.version.isdigit() else self.commits + 1)
+        await self.replicas.call("weights", "commit", version)
+        unchanged = sorted({name for replica in loaded for worker in replica for name in worker})
+        self.version, self.commits, self.state = version, self.commits + 1, "idle"
+        self.last = {"outcome": "committed", "version": version, "unchanged_layers": unchanged}
+        logger.info("weight update committed: version %s%s", version,
+                    f"; layers left unchanged (only part of their tensors came): {unchanged}" if unchanged else "")
+        await self.batcher.release("update")
+        return self.last
+
+    async def rollback(self, reason):
+        await self.replicas.call("weights", "rollback")
+        self.state, self.arrived, self.rollbacks = "idle", set(), self.rollbacks + 1
+        self.last = {"outcome": "rolled back", "version": self.version, "reason": reason}
+        logger.warning("weight update rolled back, version %s serves: %s", self.version, reason)
+        await self.batcher.release("update")
+
+    async def set_version(self, version):
+        await self.replicas.call("version", version)
+        self.version = version
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight sync, 3: WeightSync, the trainer's group and the update's steps (both dialects step it)
+# ------------------------------------------------------------------------------------------------
 
 
 class WeightSync:
-    """The one owner of weight-sync state, for both dialects, which are thin adapters onto it: TRL's (the
-    trainer is the last rank of the group, /init_communicator) and stock vLLM's (the trainer is rank 0,
-    /init_weight_transfer_engine). It holds the trainer's group, the update in progress, the weight version,
-    and the admission gate, closed while /pause holds generation or an update runs.
-
-    An update is a transaction: idle → open (its first step: new requests wait at the gate, running ones
-    freeze, to be recomputed on the weights that come out) → receiving (each replica saves its weights, then
-    loads what arrives) → loading (every replica rebuilds the rest and empties its prefix cache) → committed
-    (backups dropped and the version advanced, on every replica at once) → idle. Any failure on any replica
-    rolls every replica back to what it saved, and the previous version keeps serving. Either way the gate
-    reopens. Steps run one at a time (`steps`). The deadline, --weight-sync-timeout after the trainer's last
-    step, rolls back an update nobody finishes and ends a /pause nobody ends."""
+    """The one owner of weight-sync state, for both dialects: TRL's (the trainer is the last rank of the
+    group, /init_communicator) and stock vLLM's (the trainer is rank 0, /init_weight_transfer_engine). It
+    holds the trainer's group and the Update, and runs the update's steps one at a time (`steps`). Any
+    failure of a step on any replica rolls the update back on every replica. The deadline,
+    --weight-sync-timeout after the trainer's last step, rolls back an update nobody finishes and ends a
+    /pause nobody ends."""
 
     def __init__(self, args, replicas: Replicas, batcher: Batcher, backend, on_cuda):
         self.args, self.replicas, self.batcher = args, replicas, batcher
@@ -1575,15 +1745,8 @@ class WeightSync:
         self.steps = asyncio.Lock()
         self.group = None  # the trainer's group: {"dialect", "owner" (its client's name, if sent), "packed", ...}
         self.broken = None  # why the group's last step failed: its next step gets a 409 saying so
-        self.state = "idle"  # of the update: idle, open, receiving, loading
-        self.per_parameter = False  # the open update came from /update_named_param (no end marker)
-        self.arrived = set()  # names the open update received
-        self.named = None  # the version the trainer named for the open update
-        self.version, self.commits, self.rollbacks = "default", 0, 0  # "default": vLLM's, for weights never updated
-        self.paused = None  # /pause's mode while it holds generation
-        self.last = None  # the last update's outcome
-        self.timer = None
-        self.tasks = set()  # background steps (a receive the trainer feeds after its HTTP call returned)
+        self.update = Update(replicas, batcher)
+        self.timer, self.tasks = None, set()  # the deadline; steps that run on after their HTTP call answered
         self.counter = shared_memory.SharedMemory(create=True, size=8)  # raised to end the workers' waits now
         self.epoch = 0
 
@@ -1600,37 +1763,8 @@ class WeightSync:
     def world_size(self):
         return self.workers * len(self.replicas)
 
-    def report(self):
-        """What /health says about the weights."""
-        return {"state": self.state, "version": self.version, "group": (self.group or {}).get("dialect"),
-                "commits": self.commits, "rollbacks": self.rollbacks, "last": self.last}
-
-    @functools.cached_property
-    def checkpoint_shapes(self):
-        """{name: shape} from the checkpoint's safetensors headers (no tensor is read); None if unknown."""
-        path = pathlib.Path(self.args.model)
-        if not path.is_dir():
-            try:
-                path = pathlib.Path(snapshot_download(self.args.model, revision=self.args.revision,
-                                                      allow_patterns=["*.safetensors"], local_files_only=True))
-            except Exception:
-                return None
-        shapes = {}
-        for file in sorted(path.glob("*.safetensors")):
-            with safe_open(str(file), "pt") as f:
-                shapes.update({name: list(f.get_slice(name).get_shape()) for name in f.keys()})
-        if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:  # tied embeddings
-            shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
-        return shapes or None
-
-    @functools.cached_property
-    def checkpoint_names(self):
-        """The tensors a whole per-parameter update sends (a tied head is not among them); None if unknown."""
-        shapes = self.checkpoint_shapes
-        if shapes is None:
-            return None
-        tied = shapes["lm_head.weight"] is shapes.get("model.embed_tokens.weight")
-        return set(shapes) - ({"lm_head.weight"} if tied else set())
+    def report(self):  # /health's "weights"
+        return {**self.update.report(), "group": (self.group or {}).get("dialect")}
 
     # --- checks: 4xx before anything reaches a replica ------------------------------------------------
 
@@ -1642,12 +1776,6 @@ class WeightSync:
             raise http_error(f"Weight sync into a quantized model ({quantization}) is not supported: the "
                              "trainer's tensors would be loaded without their quantization scales. Serve the "
                              "unquantized checkpoint to train against it.", status=409)
-
-    def check_transport(self):
-        """400 for NCCL on replicas without CUDA (TRL's documented command line, on a CPU box)."""
-        if self.backend == "nccl" and not self.on_cuda:
-            raise http_error("The replicas run on CPU, where NCCL cannot transfer weights: start the server with "
-                             "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
 
     def check_owner(self):
         """409 for a step from a trainer whose group a newer one replaced (a restarted trainer's old self): it
@@ -1684,12 +1812,12 @@ class WeightSync:
                                                            lambda: self.background(self.expire()))
 
     def background(self, coroutine):
-        """Run a step on after the HTTP call that began it answered; its 409 reaches the trainer's next step.
-        """
+        """A step that runs on after its HTTP call answered; its 409 reaches the trainer's next step."""
         def done(task):
             self.tasks.discard(task)
-            if not task.cancelled() and task.exception() and not isinstance(task.exception(), (VLLMClientError, GracefulHTTPError)):
-                logger.error("weight sync: %r", task.exception())
+            error = None if task.cancelled() else task.exception()
+            if error and not isinstance(error, (VLLMClientError, GracefulHTTPError)):
+                logger.error("weight sync: %r", error)
 
         task = asyncio.ensure_future(coroutine)
         self.tasks.add(task)
@@ -1704,67 +1832,35 @@ class WeightSync:
         if self.steps.locked():  # a receive in progress: its own broadcasts have this deadline
             return self.arm()
         async with self.steps:
-            if self.state != "idle":
-                await self._rollback(f"no step came from the trainer for {self.args.weight_sync_timeout:g} s "
+            if self.update.state != "idle":
+                await self.update.rollback(f"no step came from the trainer for {self.args.weight_sync_timeout:g} s "
                                      "(--weight-sync-timeout)")
-            if self.paused:
+            if "pause" in self.batcher.holds:
                 logger.warning("generation was paused (/pause) for %g s without a /resume: resuming",
                                self.args.weight_sync_timeout)
-                self.paused = None
-                await self._reopen()
-
-    # --- the gate -----------------------------------------------------------------------------------
-
-    async def _hold(self, freeze):
-        self.batcher.close()
-        if freeze and not self.batcher.frozen:
-            await self.batcher.freeze("keep", True)
-
-    async def _reopen(self):
-        """The gate opens once neither a pause nor an update holds it; frozen requests go on."""
-        if self.paused or self.state != "idle":
-            return
-        await self.batcher.thaw()
-        self.batcher.open()
-
-    async def pause(self, mode, clear_cache):
-        """Stock's /pause: new requests wait. Running ones: "wait" lets them finish, "keep" freezes them in
-        the engine until /resume, "abort" ends them."""
-        if mode not in ("abort", "wait", "keep"):
-            raise ValueError(f"Invalid pause mode: {mode!r}; one of abort, wait, keep.")
-        self.arm()
-        self.paused = mode
-        self.batcher.close()
-        if mode == "wait":  # in the parent: a replica that waited inside its engine would stop answering
-            await self.batcher.drained.wait()
-            if clear_cache:
-                await self.replicas.call("reset_prefix_cache")
-            return
-        await self.batcher.freeze(mode, clear_cache)
-        if mode == "abort":
-            self.batcher.end_running("abort")
-
-    async def resume(self):
-        self.paused = None
-        await self._reopen()
+                await self.batcher.release("pause")
 
     # --- the group ----------------------------------------------------------------------------------
 
-    async def join(self, dialect, specs, **group):
-        """A trainer's group: an open update rolls back at once (its waits end now: the trainer that fed it is
-        being replaced), the old group closes, the new one forms. Legacy: in the background, since the trainer
-        joins after this call returns; stock: the trainer joins meanwhile, and this returns once it did."""
+    async def join(self, dialect, fields, **group):
+        """A trainer's group (`fields`: this server's part, see spec): an open update rolls back at once (its
+        waits end now: the trainer that fed it is being replaced), the old group closes, the new one forms.
+        Legacy: in the background, since the trainer joins after this call returns; stock: the trainer joins
+        meanwhile, and this returns once it did."""
         self.check_allowed()
-        self.check_transport()
+        if self.backend == "nccl" and not self.on_cuda:  # TRL's documented command line, on a CPU box
+            raise http_error("The replicas run on CPU, where NCCL cannot transfer weights: start the server with "
+                             "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
         self.arm()
         self.abort_waits()
         await self.steps.acquire()
         try:
-            if self.state != "idle":
-                await self._rollback("a new trainer group replaced the one feeding the update")
+            if self.update.state != "idle":
+                await self.update.rollback("a new trainer group replaced the one feeding the update")
             await self.replicas.call("weights", "leave")
             self.group, self.broken = {"dialect": dialect, "owner": TRAINER.get(), **group}, None
-            messages = {rank: ("weights", ("join", spec, self.epoch)) for rank, spec in enumerate(specs)}
+            messages = {rank: ("weights", ("join", self.spec(rank, **fields), self.epoch))
+                        for rank in range(len(self.replicas))}
             if dialect == "legacy":
                 self.background(self._settle(await self.replicas.fire(messages), "joining the trainer's group"))
                 return
@@ -1781,11 +1877,11 @@ class WeightSync:
         if not commit:
             self.abort_waits()
         async with self.steps:
-            if self.state != "idle":
-                if commit and self.per_parameter:
-                    await self._finish(None)
+            if self.update.state != "idle":
+                if commit and self.update.per_parameter:
+                    await self.update.finish(None)
                 else:
-                    await self._rollback("the trainer closed its group before finishing the update")
+                    await self.update.rollback("the trainer closed its group before finishing the update")
             self.group, self.broken = None, None
             await self.replicas.call("weights", "leave")
 
@@ -1796,37 +1892,31 @@ class WeightSync:
         self.check_owner()
         self.arm()
         async with self.steps:
-            await self._start(freeze)
-
-    async def _start(self, freeze=True):
-        if self.state == "idle":
-            self.state, self.per_parameter, self.arrived, self.named = "open", False, set(), None
-            await self._hold(freeze)
+            await self.update.open(freeze)
 
     async def receive(self, dialect, plans, names, *, per_parameter=False, drain=False, finish=False,
                       version=None):
-        """Tensors the trainer broadcasts next: `plans` {rank: transfer_plan}. TRL's routes answer at once
-        (its trainer broadcasts after that) and the replicas' replies are read in the background: a batched
-        update commits once received (`finish`), a `per_parameter` one once every parameter of the checkpoint
-        arrived (or at /reset_prefix_cache, /close_communicator). Stock's /update_weights, and a TRL batched
-        update that does not `finish` (a client committing several servers together), answer once the tensors
-        are loaded. `drain`: running requests finish first instead of freezing."""
+        """Tensors the trainer broadcasts next: `plans` {rank: transfer_plan}. TRL's routes answer at once (its
+        trainer broadcasts after that), the replies are read in the background: a batched update commits once
+        received (`finish`), a `per_parameter` one once the whole checkpoint arrived (or at
+        /reset_prefix_cache, /close_communicator). Stock's /update_weights, and a TRL batched update that does
+        not `finish` (a client committing several servers at once), answer once the tensors are loaded.
+        `drain`: running requests finish first instead of freezing."""
         self.arm()
         await self.steps.acquire()
         try:
             self.check_group(dialect)
-            if drain and self.state == "idle":
-                await self._start(freeze=False)
+            if drain and self.update.state == "idle":
+                await self.update.open(freeze=False)
                 await self.batcher.drained.wait()
-            await self._start()
-            self.state, self.per_parameter = "receiving", self.per_parameter or per_parameter
-            self.named = version if version is not None else self.named
+            await self.update.open()
+            self.update.receiving(per_parameter, version)
             messages = {rank: ("weights", ("receive", plan, self.epoch)) for rank, plan in plans.items()}
             if dialect == "legacy" and (finish or per_parameter):
                 self.background(self._received(await self.replicas.fire(messages), names, finish))
                 return
             await self._settle(self.replicas.call_each(messages), "receiving weights", release=False)
-            self.arrived |= names
+            self.update.arrived |= names
         except BaseException:
             self.steps.release()
             raise
@@ -1834,8 +1924,7 @@ class WeightSync:
 
     async def _settle(self, replies, what, release=True):
         """Await a step's replies (a coroutine or task); a failure closes the group, rolls back the open
-        update, and answers 409 saying what to do. `release`: the steps lock was handed to this background
-        task."""
+        update, and answers 409 saying what to do. `release`: this task was handed the steps lock."""
         try:
             try:
                 return await replies
@@ -1845,8 +1934,8 @@ class WeightSync:
                 self.broken = f"{what} failed: {exc}"
                 logger.error("weight sync: %s", self.broken)
                 await self.replicas.call("weights", "leave")
-                if self.state != "idle":
-                    await self._rollback(self.broken)
+                if self.update.state != "idle":
+                    await self.update.rollback(self.broken)
                 join = "/init_communicator" if self.group["dialect"] == "legacy" else "/init_weight_transfer_engine"
                 raise http_error(f"{self.broken}. The update was rolled back (the previous weights serve) and the "
                                  f"group is closed; call {join} again.", status=409) from None
@@ -1857,9 +1946,10 @@ class WeightSync:
     async def _received(self, replies, names, finish):
         try:
             await self._settle(replies, "receiving weights", release=False)
-            self.arrived |= names
-            if finish or (self.per_parameter and self.checkpoint_names and self.checkpoint_names <= self.arrived):
-                await self._finish(None)
+            self.update.arrived |= names
+            whole = whole_update(checkpoint_shapes(self.args.model, self.args.revision))
+            if finish or (self.update.per_parameter and whole and whole <= self.update.arrived):
+                await self.update.finish(None)
         finally:
             self.steps.release()
 
@@ -1868,119 +1958,22 @@ class WeightSync:
         self.check_owner()
         self.abort_waits()
         async with self.steps:
-            if self.state != "idle":
-                await self._rollback("the trainer aborted the update")
+            if self.update.state != "idle":
+                await self.update.rollback("the trainer aborted the update")
         return self.report()
 
     async def finish(self, version=None):
-        """/finish_weight_update, and /reset_prefix_cache after TRL's per-parameter updates: commit the open
-        update (a trainer-named `version`, else the next number). With none open, only a named version is set,
-        as stock does. → the outcome."""
+        """/finish_weight_update, and /reset_prefix_cache after TRL's per-parameter updates (Update.finish)."""
         self.check_owner()
         self.arm()
         async with self.steps:
-            return await self._finish(version)
-
-    async def _finish(self, version):
-        if self.state in ("idle", "open"):  # an update that received nothing leaves the weights as they were
-            if self.state == "open":
-                self.state = "idle"
-                await self._reopen()
-            if version is not None:
-                await self._set_version(version)
-            return {"outcome": "nothing to commit", "version": self.version}
-        self.state = "loading"
-        try:
-            loaded = await self.replicas.call("weights", "load")
-        except ReplicaError as exc:
-            if not self.replicas.alive():
-                raise
-            await self._rollback(f"loading the new weights failed: {exc}")
-            raise http_error(f"Loading the new weights failed, and the update was rolled back (the previous weights "
-                             f"serve): {exc}", status=409) from None
-        version = version or self.named or self.next_version()
-        await self.replicas.call("weights", "commit", version)
-        unchanged = sorted({name for replica in loaded for worker in replica for name in worker})
-        self.version, self.commits, self.state = version, self.commits + 1, "idle"
-        self.last = {"outcome": "committed", "version": version, "unchanged_layers": unchanged}
-        logger.info("weight update committed: version %s%s", version,
-                    f"; layers left unchanged (only part of their tensors came): {unchanged}" if unchanged else "")
-        await self._reopen()
-        return self.last
-
-    def next_version(self):
-        return str(int(self.version) + 1 if self.version.isdigit() else self.commits + 1)
-
-    async def _rollback(self, reason):
-        await self.replicas.call("weights", "rollback")
-        self.state, self.arrived, self.rollbacks = "idle", set(), self.rollbacks + 1
-        self.last = {"outcome": "rolled back", "version": self.version, "reason": reason}
-        logger.warning("weight update rolled back, version %s serves: %s", self.version, reason)
-        await self._reopen()
+            return await self.update.finish(version)
 
     async def set_version(self, version):
         """Stock's /update_weight_version."""
         async with self.steps:
-            await self._set_version(version)
+            await self.update.set_version(version)
 
-    async def _set_version(self, version):
-        await self.replicas.call("version", version)
-        self.version = version
-
-    # --- the dialects: each route's payload → the steps above ------------------------------------------
-
-    async def join_legacy(self, host, port, client_device_uuid, offset, world_size):
-        """TRL's /init_communicator: the trainer is the last rank of `world_size`, this server's workers take
-        the ranks from `offset` up (a client syncing several servers gives each its own range)."""
-        gpu = shared_gpu(client_device_uuid, [u for info in self.replicas.infos for u in info["gpu_uuids"]])
-        if gpu and self.backend == "nccl":  # gloo goes through host memory: any device will do
-            raise http_error(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL cannot "
-                             "broadcast within one device. Put the trainer on another GPU (CUDA_VISIBLE_DEVICES).",
-                             param="client_device_uuid")
-        await self.join("legacy", [self.spec(rank, rank=offset, host=host, port=port, world_size=world_size,
-                                             source=world_size - 1, barrier=self.backend == "nccl")
-                                   for rank in range(len(self.replicas))])
-
-    async def join_stock(self, init_info):
-        """Stock's /init_weight_transfer_engine: the trainer is rank 0 and hosts the group; replica i's
-        workers take the ranks after replica i-1's (each replica's engine counts from data-parallel index 0).
-        """
-        info = init_info if isinstance(init_info, dict) else {}
-        offset, world_size = info.get("rank_offset", 1), info.get("world_size")
-        host, port, uid = info.get("master_address"), info.get("master_port"), info.get("nccl_unique_id_b64")
-        buffer_bytes = info.get("packed_buffer_size_bytes", DEFAULT_PACKED_BUFFER_SIZE_BYTES)
-        if not (is_int(offset) and is_int(world_size) and offset >= 1 and offset + self.world_size <= world_size):
-            raise http_error(f"`init_info` needs integers `rank_offset` >= 1 and `world_size` >= rank_offset + "
-                             f"{self.world_size} (this server's workers), the trainer at rank 0.", param="init_info")
-        if not (isinstance(uid, str) or (isinstance(host, str) and is_int(port))) or not is_int(buffer_bytes):
-            raise http_error("`init_info` needs `master_address` and an integer `master_port` (or "
-                             "`nccl_unique_id_b64`), and an integer `packed_buffer_size_bytes`.", param="init_info")
-        await self.join("stock", [self.spec(rank, rank=offset, host=host, port=port, world_size=world_size, source=0,
-                                            nccl_unique_id_b64=uid) for rank in range(len(self.replicas))],
-                        packed=bool(info.get("packed", False)), buffer_bytes=buffer_bytes)
-
-    async def receive_stock(self, update_info):
-        """Stock's /update_weights: {names, dtype_names, shapes[, packed]}, or a list of them indexed by
-        worker (vLLM's `data_parallel_index * world_size + rank`): replica i takes its workers' entry. Names
-        and sizes are checked against the checkpoint before anything is broadcast; shapes are the load's to
-        check."""
-        self.check_allowed()
-        self.check_group("stock")
-        infos = update_info if isinstance(update_info, list) else [update_info] * self.world_size
-        if len(infos) != self.world_size:
-            raise http_error(f"`update_info` lists {len(infos)} entries; this server has {self.world_size} workers "
-                             f"({len(self.replicas)} replicas x {self.workers}).", param="update_info")
-        chosen = [infos[rank * self.workers] for rank in range(len(self.replicas))]
-        if any(infos[rank * self.workers:(rank + 1) * self.workers] != [info] * self.workers
-               for rank, info in enumerate(chosen)):
-            raise http_error("The workers of one replica must get the same `update_info`.", param="update_info")
-        plans, names = {}, set()
-        for rank, info in enumerate(chosen):
-            metas = stock_metas(info, self.checkpoint_shapes)
-            packed = self.group["packed"] if info.get("packed") is None else info["packed"]
-            plans[rank] = transfer_plan(metas, "packed" if packed else "tensors", self.group["buffer_bytes"])
-            names |= {meta["name"] for meta in metas}
-        await self.receive("stock", plans, names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2153,23 +2146,30 @@ class ReplicaEngineClient(EngineClient):
     # --- pause, and vLLM's weight-transfer API (the RL routes) --------------------------------------
 
     async def pause_generation(self, *, mode="abort", clear_cache=True):
-        await self.weight_sync.pause(mode, clear_cache)
+        self.weight_sync.arm()  # its deadline ends a /pause nobody ends
+        await self.batcher.pause(mode, clear_cache)
 
     async def resume_generation(self):
-        await self.weight_sync.resume()
+        await self.batcher.release("pause")
 
     async def is_paused(self):
         return not self.batcher.gate.is_set()
 
     async def init_weight_transfer_engine(self, request):
-        await self.weight_sync.join_stock(request.init_info)
+        fields, group = stock_group(request.init_info, self.weight_sync.world_size)
+        await self.weight_sync.join("stock", fields, **group)
 
     async def start_weight_update(self):
         self.weight_sync.check_allowed()
         await self.weight_sync.start()
 
     async def update_weights(self, request):
-        await self.weight_sync.receive_stock(request.update_info)
+        sync = self.weight_sync
+        sync.check_allowed()
+        sync.check_group("stock")
+        plans, names = stock_plans(request.update_info, len(sync.replicas), sync.workers,
+                                   checkpoint_shapes(sync.args.model, sync.args.revision), sync.group)
+        await sync.receive("stock", plans, names)
 
     async def finish_weight_update(self, weight_version=None):
         await self.weight_sync.finish(weight_version)
@@ -2184,7 +2184,7 @@ class ReplicaEngineClient(EngineClient):
         await self.weight_sync.set_version(new_version)
 
     async def get_weight_version(self):
-        return self.weight_sync.version
+        return self.weight_sync.update.version
 
     def shutdown(self, timeout=None):
         """vLLM's launcher calls this from a thread at SIGINT or SIGTERM, with --shutdown-timeout: drain,
@@ -2319,7 +2319,7 @@ def param_meta(weight_sync, body):
         raise http_error(f"Unsupported dtype {dtype!r}; one of {sorted(TORCH_DTYPES)}.", param="dtype")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise http_error("`shape` must be a list of non-negative integers.", param="shape")
-    known = weight_sync.checkpoint_shapes
+    known = checkpoint_shapes(weight_sync.args.model, weight_sync.args.revision)
     if known is not None:
         if name not in known:
             raise http_error(f"Unknown parameter {name!r}: not in the served checkpoint.", param="name")
@@ -2351,7 +2351,13 @@ async def init_communicator(request):
         raise http_error(f"This server's {ours} ranks start at `rank_offset` and must lie below the trainer's, the "
                          f"last of `world_size`: need 0 <= rank_offset and rank_offset + {ours} <= world_size - 1, got "
                          f"{json.dumps(offset)} and {json.dumps(world_size)}.", param="rank_offset")
-    await weight_sync.join_legacy(host, port, str(body.get("client_device_uuid")), offset, world_size)
+    gpu = shared_gpu(str(body.get("client_device_uuid")), [u for i in weight_sync.replicas.infos for u in i["gpu_uuids"]])
+    if gpu and weight_sync.backend == "nccl":  # gloo goes through host memory: any device will do
+        raise http_error(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL cannot "
+                         "broadcast within one device. Put the trainer on another GPU (CUDA_VISIBLE_DEVICES).",
+                         param="client_device_uuid")
+    await weight_sync.join("legacy", {"rank": offset, "host": host, "port": port, "world_size": world_size,
+                                      "source": world_size - 1, "barrier": weight_sync.backend == "nccl"})
     return JSONResponse({"message": "Request received, initializing communicator", "world_size": world_size,
                          "weight_sync_backend": weight_sync.backend})
 
