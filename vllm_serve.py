@@ -1,4 +1,4 @@
-"""OpenAI-compatible rollout server for online RL on vLLM, with live weight sync: a drop-in for `trl vllm-serve`.
+"""OpenAI-compatible rollout server for online RL on vLLM, with live weight sync; drop-in for trl vllm-serve.
 
 What it does
     Serves vLLM's own OpenAI app (the one `vllm serve` builds, so every route, field, stream and error is
@@ -152,7 +152,8 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 from vllm.utils.nccl import unpinned_nccl_env  # noqa: E402
 from vllm.v1.engine.exceptions import EngineDeadError  # noqa: E402
 from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar  # noqa: E402
-from vllm.v1.structured_output.backend_outlines import validate_structured_output_request_outlines  # noqa: E402
+from vllm.v1.structured_output.backend_outlines import (  # noqa: E402
+    validate_structured_output_request_outlines)
 from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar  # noqa: E402
 from vllm.v1.engine.input_processor import InputProcessor  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
@@ -170,8 +171,9 @@ BATCH_WAIT_MS = 0.0  # when idle, how long the first request waits for company. 
 ROUND_WAIT_MS = 100.0  # a busy replica answers a round at its first output, at the bell (a new request, an
 #                        abort, any other call) or after this. Rounds without an output only cost: at 5 ms
 #                        they were 200 a second, 0.9 core-seconds in 14 (2 cores, a 290 ms engine step)
-BELL_POLL_S = 0.002  # how often a replica waiting for its engine's output looks at the bell: the longest a new
-#                      request waits to reach the engine (which keeps stepping in its own process meanwhile)
+# how often a replica waiting for its engine's output looks at the bell: the longest a new request waits to
+# reach the engine (which keeps stepping in its own process meanwhile)
+BELL_POLL_S = 0.002
 ROUND_MAX_STEPS = 64  # engine steps one round collects once it has an output; more are left for the next
 REPLICA_START_TIMEOUT_S = 1800.0  # model download + load + warmup of the slowest replica
 REPLICA_POLL_S = 1.0  # how often a waiting pipe read checks that the replica is still alive
@@ -181,13 +183,15 @@ QUEUE_RECHECK_MS = 50  # how often a waiting reader looks again for a message wh
 #                        (vLLM: 5000; a look costs microseconds)
 WEIGHT_SYNC_TIMEOUT_S = 600.0  # a trainer that never joins a broadcast fails the sync after this
 WEIGHT_BUCKET_BYTES = 256 << 20  # default bucket of the batched weight update (client may choose)
-WEIGHT_ALIGN_BYTES = 16  # each tensor of a bucket starts at a multiple of this: a view as dtype needs an offset
-#                          divisible by the element size, and a bucket may mix dtypes (say bf16, then fp32)
+# each tensor of a bucket starts at a multiple of this: a view as dtype needs an offset divisible by the
+# element size, and a bucket may mix dtypes (say bf16, then fp32)
+WEIGHT_ALIGN_BYTES = 16
 WEIGHT_LAYOUT = 2  # bucket layout /update_named_params reads. 1 (sent without `layout`): tensors back to back
 TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64"}  # what a trainer holds; vLLM casts on load
 LEGACY_LOGPROB_TOP_K = 100  # /get_sequence_logprobs/ default top_logprobs, as TRL
 MAX_REQUEST_BODY_BYTES = 256 << 20  # 413 above this; generous enough for a few base64 images per request
-MAX_JSON_DEPTH = 64  # nesting levels a body of ours may have; real requests, tool schemas included, stay under 20
+# nesting levels a body of ours may have; real requests, tool schemas included, stay under 20
+MAX_JSON_DEPTH = 64
 JSON_THREAD_BYTES = 1 << 20  # bodies above this are parsed in a thread (~10 ms of json.loads per MiB)
 REPLICA_DEATH_GRACE_S = 3.0  # after a replica dies: answer 503 this long, then exit non-zero for a supervisor
 SHUTDOWN_TIMEOUT_S = 60.0  # on SIGTERM, how long in-flight requests may take to finish
@@ -196,7 +200,8 @@ ORPHAN_STOP_TIMEOUT_S = 5.0  # SIGTERM → SIGKILL for engine processes a dead r
 REPLICA_STOP_TIMEOUT_S = 10.0  # at shutdown, a replica still generating (for nobody) is terminated after this
 ORPHAN_ROUNDS = 5  # at a stop, how many times processes spawned meanwhile are looked for again
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
-NCCL_ABORT_GRACE_S = 10.0  # after an NCCL group is destroyed, how long its worker's CUDA stream may take to drain
+# after an NCCL group is destroyed, how long its worker's CUDA stream may take to drain
+NCCL_ABORT_GRACE_S = 10.0
 MODULE_NAME = pathlib.Path(__file__).stem  # vLLM's workers import the extension class by this name
 OPEN_PATHS = {"/health", "/ping", "/metrics"}  # answered without the API key: probes and scrapers
 # {(request id, completion index): [{version, start, end}]} of the HTTP request that asked for weight versions
@@ -251,21 +256,25 @@ def is_int(x):
 # ------------------------------------------------------------------------------------------------
 
 
-TRL_RENAMED = {"--log-level": "--uvicorn-log-level", "--vllm-model-impl": "--model-impl"}  # trl vllm-serve 1.9
+# trl vllm-serve 1.9
+TRL_RENAMED = {"--log-level": "--uvicorn-log-level", "--vllm-model-impl": "--model-impl"}
 TRUTHY, FALSY = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-REFUSED_FLAGS = {  # vLLM's multi-node / multi-front-end layout: cannot mean the same over one pool and one lock
+# vLLM's multi-node / multi-front-end layout: cannot mean the same over one pool and one lock
+REFUSED_FLAGS = {
     "data_parallel_rank": None, "data_parallel_address": None, "data_parallel_size_local": None,
     "data_parallel_hybrid_lb": False, "data_parallel_external_lb": False, "headless": False}
 DEFAULTS = dict(  # where stock's default differs, TRL's server wins: RL needs it
     host="0.0.0.0",  # trl vllm-serve binds every interface (a warning says so when no key is set)
     max_logprobs=-1,  # any number of logprobs (stock: 20)
-    logprobs_mode="processed_logprobs",  # after temperature and penalties, what GRPO's ratios need (stock: raw)
+    # after temperature and penalties, what GRPO's ratios need (stock: raw)
+    logprobs_mode="processed_logprobs",
     shutdown_timeout=SHUTDOWN_TIMEOUT_S,  # drain in-flight requests for this long on SIGTERM (stock: 0)
 )
 
 
 def make_parser():
-    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm_serve.py", description=__doc__.split("\n\n")[0]))
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm_serve.py",
+                                                    description=__doc__.split("\n\n")[0]))
     ours = parser.add_argument_group("rollout server", "This server's own flags (the rest are vLLM's).")
     ours.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
                       help="When idle, how long the first request waits for others, in ms.")
@@ -281,7 +290,8 @@ def make_parser():
     parser.set_defaults(**DEFAULTS)
     for action in parser._actions:  # our meaning of a flag both define: drain for N s, then 503
         if action.dest == "shutdown_timeout":
-            action.type, action.help = float, "On SIGTERM, seconds in-flight requests may take to finish (then 503)."
+            action.type = float
+            action.help = "On SIGTERM, seconds in-flight requests may take to finish (then 503)."
     return parser
 
 
@@ -325,7 +335,8 @@ def export_config_env(argv):
 
 def parse_args(argv=None):
     parser = make_parser()
-    args = parser.parse_args(trl_argv(export_config_env(sys.argv[1:] if argv is None else list(argv)), parser))
+    args = parser.parse_args(trl_argv(export_config_env(sys.argv[1:] if argv is None else list(argv)),
+                                      parser))
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
     refused = [name for name, default in REFUSED_FLAGS.items() if getattr(args, name, default) != default]
@@ -333,7 +344,8 @@ def parse_args(argv=None):
         refused.append("api_server_count")
     if refused:
         parser.error(f"{', '.join('--' + n.replace('_', '-') for n in refused)}: this server runs "
-                     f"--data-parallel-size replicas behind one front end; start one server per node instead.")
+                     "--data-parallel-size replicas behind one front end; start one server per node "
+                     "instead.")
     if getattr(args, "device_ids", None) and (args.data_parallel_size or 1) > 1:
         # each replica's workers would map their local ranks through the whole list, outside their own GPUs
         parser.error("--device-ids with --data-parallel-size > 1: choose the GPUs with CUDA_VISIBLE_DEVICES "
@@ -351,15 +363,16 @@ def make_configs(args):
     engine_args = AsyncEngineArgs.from_cli_args(args)
     engine_args.shutdown_timeout = 0  # the parent drains (--shutdown-timeout); an engine told to stop stops
     parent = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-    parent.shutdown_timeout = args.shutdown_timeout  # what vLLM's launcher gives our engine client's shutdown()
+    # what vLLM's launcher gives our engine client's shutdown()
+    parent.shutdown_timeout = args.shutdown_timeout
     on_cuda = current_platform.is_cuda_alike()  # NVML, not a CUDA context
     # NCCL on CUDA, gloo elsewhere. NCCL asked for on CPU (TRL's documented command line) starts, and its
     # transfers are refused with a 400 naming gloo.
     backend = (parent.weight_transfer_config.backend if parent.weight_transfer_config
                else "nccl" if on_cuda else "gloo")
     if backend not in ("gloo", "nccl"):
-        sys.exit(f"vllm_serve.py: error: --weight-transfer-config backend {backend!r}: this server's weight sync "
-                 "runs over gloo or nccl.")
+        sys.exit(f"vllm_serve.py: error: --weight-transfer-config backend {backend!r}: this server's weight "
+                 "sync runs over gloo or nccl.")
     parent.weight_transfer_config = WeightTransferConfig(backend=backend)
     replicas, server = [], f"{socket.gethostname()}:{args.port}"
     for rank in range(parent.parallel_config.data_parallel_size):
@@ -458,7 +471,8 @@ class Backup:
             state = dict(vars(module))
             state.update({key: copy.copy(state[key]) for key in self.STATE})
             self.modules.append((module, state))
-            persistent = [b for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+            persistent = [b for n, b in module._buffers.items()
+                          if n not in module._non_persistent_buffers_set]
             for tensor in [*module._parameters.values(), *persistent]:
                 if tensor is not None and id(tensor) not in self.values and not tensor.is_meta:
                     self.values[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
@@ -488,9 +502,11 @@ def finalize_reload(model, model_config):
     unchanged = []
     for name, layer in model.named_modules():
         info = get_layerwise_info(layer)
-        if not info.can_load() or is_deferred_attention_layer(layer) or not 0 < info.load_numel < info.load_numel_total:
+        if (not info.can_load() or is_deferred_attention_layer(layer)
+                or not 0 < info.load_numel < info.load_numel_total):
             continue
-        tensors = {key: t for key, t in get_layer_tensors(layer).items() if key not in SKIP_TENSORS and t.is_meta}
+        tensors = {key: t for key, t in get_layer_tensors(layer).items()
+                   if key not in SKIP_TENSORS and t.is_meta}
         loaded = dict.fromkeys(tensors, 0)
         for key, args in info.loaded_weights:
             if key in loaded:
@@ -588,9 +604,9 @@ class WeightEngine:
                             base64.b64decode(spec["nccl_unique_id_b64"]), spec["rank"], spec["world_size"],
                             self.device)
                     else:
-                        store = StatelessProcessGroup.create(host=spec["host"], port=spec["port"], rank=spec["rank"],
-                                                             world_size=spec["world_size"],
-                                                             store_timeout=int(spec["timeout_s"]))
+                        store = StatelessProcessGroup.create(
+                            host=spec["host"], port=spec["port"], rank=spec["rank"],
+                            world_size=spec["world_size"], store_timeout=int(spec["timeout_s"]))
                         formed["group"] = PyNcclCommunicator(store, device=self.device)
             except BaseException as exc:
                 formed["error"] = exc
@@ -598,14 +614,14 @@ class WeightEngine:
         thread = threading.Thread(target=form, daemon=True, name="nccl-group")
         thread.start()
         if not completed(lambda: not thread.is_alive(), spec["timeout_s"], lambda: self._aborted(epoch)):
-            logger.critical("vLLM worker: NCCL group set-up with the trainer did not end within %g s; exiting",
-                            spec["timeout_s"])
+            logger.critical("vLLM worker: NCCL group set-up with the trainer did not end within %g s; "
+                            "exiting", spec["timeout_s"])
             os._exit(1)
         if "error" in formed:
             raise formed["error"]
         if formed["group"].disabled:
-            raise RuntimeError("vLLM's NCCL communicator came back disabled (world size 1, VLLM_DISABLE_PYNCCL or "
-                               "no NCCL library): it cannot receive weights.")
+            raise RuntimeError("vLLM's NCCL communicator came back disabled (world size 1, "
+                               "VLLM_DISABLE_PYNCCL or no NCCL library): it cannot receive weights.")
         return formed["group"]
 
     def leave(self):
@@ -621,8 +637,8 @@ class WeightEngine:
         if hasattr(group, "destroy"):  # PyNcclCommunicator
             group.destroy()
             if not self._stream_drained(NCCL_ABORT_GRACE_S, 0):
-                logger.critical("vLLM worker: an aborted weight broadcast still blocks CUDA stream of %s; exiting",
-                                self.device)
+                logger.critical("vLLM worker: an aborted weight broadcast still blocks CUDA stream of %s; "
+                                "exiting", self.device)
                 os._exit(1)
         elif self.pending is not None:
             self.parked = [(g, w) for g, w in self.parked if not w.is_completed()] + [(group, self.pending)]
@@ -691,7 +707,8 @@ class WeightEngine:
                     named = []
                     for name, dtype, shape, offset, nbytes in tensors:
                         piece, dtype = buffer[offset:offset + nbytes], torch_dtype(dtype)
-                        if offset % dtype.itemsize:  # vLLM's packed layout has no padding; a view needs alignment
+                        # vLLM's packed layout has no padding; a view needs alignment
+                        if offset % dtype.itemsize:
                             piece = piece.clone()
                         named.append((name, piece.view(dtype).view(shape)))
                 with self._configured():
@@ -809,7 +826,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def init_transfer_engine(self, init_info):
         self.packed, self.buffer_bytes = init_info.packed, init_info.packed_buffer_size_bytes
-        first = init_info.rank_offset + self.parallel_config.data_parallel_index * self.parallel_config.world_size
+        parallel = self.parallel_config
+        first = init_info.rank_offset + parallel.data_parallel_index * parallel.world_size
         self.weights.join({"backend": "gloo", "host": init_info.master_address, "port": init_info.master_port,
                            "world_size": init_info.world_size, "rank": first, "source": 0,
                            "timeout_s": init_info.timeout_s})
@@ -860,10 +878,13 @@ def warm_up_refusal(dtype, error):
     """Why a replica whose warm-up forward pass failed refuses to start, naming the dtype to serve in when the
     error names one (AMX's int8 kernel: "expect A to be bfloat16 or half")."""
     text, served = f"{type(error).__name__}: {error}", str(dtype).removeprefix("torch.")
-    named = [name for name, words in (("bfloat16", ("bfloat16", "bf16")), ("float16", ("half", "float16", "fp16")))
+    named = [name for name, words in (("bfloat16", ("bfloat16", "bf16")),
+                                      ("float16", ("half", "float16", "fp16")))
              if name != served and any(word in text for word in words)]
-    advice = f"serve it with --dtype {named[0]}" if named else "try another --dtype (bfloat16, float16, float32)"
-    return f"the model cannot run on this machine in {served}: a warm-up forward pass failed ({text}); {advice}."
+    advice = f"serve it with --dtype {named[0]}" if named else \
+        "try another --dtype (bfloat16, float16, float32)"
+    return (f"the model cannot run on this machine in {served}: a warm-up forward pass failed ({text}); "
+            f"{advice}.")
 
 
 class Replica:
@@ -993,8 +1014,8 @@ class Replica:
             try:
                 return self.engine.collective_rpc("weights", args=("rollback",))
             except Exception:  # its weights are now unknown: it must not serve them (the server exits 1)
-                logger.critical("replica %d could not restore its weights after a failed update; exiting", self.rank,
-                                exc_info=True)
+                logger.critical("replica %d could not restore its weights after a failed update; exiting",
+                                self.rank, exc_info=True)
                 self.shutdown()
                 os._exit(1)
         results = self.engine.collective_rpc("weights", args=(action, *args))
@@ -1019,7 +1040,8 @@ class Replica:
             logger.warning("replica %d: engine shutdown: %s", self.rank, exc)
 
 
-REPLICA_METHODS = {"info", "round", "pause", "resume", "reset_prefix_cache", "weights", "version"}  # the parent's
+# what the parent may call on a replica
+REPLICA_METHODS = {"info", "round", "pause", "resume", "reset_prefix_cache", "weights", "version"}
 
 
 def replica_main(config, rank, log_stats, bell, conn):
@@ -1114,7 +1136,8 @@ def running(process, name=""):
     """Whether a psutil process still runs (neither gone, PID reuse checked, nor a zombie nobody reaped) and
     its name starts with `name`."""
     try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE and process.name().startswith(name)
+        return (process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+                and process.name().startswith(name))
     except psutil.Error:
         return False
 
@@ -1138,9 +1161,9 @@ class Replicas:
         self.lock = asyncio.Lock()
         self.processes, self.conns, self.infos = [], [], []
         self.engine_processes = []  # the processes under the replicas, as last seen (watch)
-        self.vllm_processes = []
+        self.vllm_processes = []  # vLLM's own among them (start)
         self.stopping = False  # stop() began: a replica's exit is no death
-        self.bell = multiprocessing.get_context("spawn").Value("Q", 0, lock=False)  # Replica's; we alone write
+        self.bell = multiprocessing.get_context("spawn").Value("Q", 0, lock=False)  # we alone write
 
     def __len__(self):
         return len(self.configs)
@@ -1157,8 +1180,8 @@ class Replicas:
         for rank, config in enumerate(self.configs):
             parent_conn, child_conn = ctx.Pipe()
             with environment(self.envs[rank]):
-                process = ctx.Process(target=replica_main, args=(config, rank, self.log_stats, self.bell, child_conn),
-                                      name=f"replica-{rank}")
+                process = ctx.Process(target=replica_main, name=f"replica-{rank}",
+                                      args=(config, rank, self.log_stats, self.bell, child_conn))
                 process.start()
             child_conn.close()
             self.processes.append(process)
@@ -1174,7 +1197,7 @@ class Replicas:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not conn.poll(REPLICA_POLL_S):
             if not process.is_alive():
-                raise ReplicaError(f"vLLM replica {rank} died (exit code {process.exitcode}) before its {what}")
+                raise ReplicaError(f"vLLM replica {rank} died (exit {process.exitcode}) before its {what}")
             if deadline is not None and time.monotonic() > deadline:
                 raise ReplicaError(f"vLLM replica {rank} gave no {what} within {timeout:.0f} s")
         try:
@@ -1266,8 +1289,7 @@ class Replicas:
         return False
 
     async def died(self):
-        """After a failed exchange: whether a replica is dead (its pipe breaks a moment before its exit
-        shows)."""
+        """After a failed exchange: whether a replica died (its pipe breaks just before its exit shows)."""
         for _ in range(int(REPLICA_POLL_S / 0.05)):
             if not self.alive():
                 return True
@@ -1293,7 +1315,7 @@ class Replicas:
                 process.kill()
                 process.join()  # reaped: a zombie left to init outlives us
         stop_processes(left)
-        for _ in range(ORPHAN_ROUNDS):  # spawned while their parent was being stopped: adopted by this process
+        for _ in range(ORPHAN_ROUNDS):  # spawned while their parent was being stopped: adopted by us
             orphans = spawned_by_us()
             if not orphans:
                 break
@@ -1406,8 +1428,8 @@ class Batcher:
         self.closing = RetryableRequestError("The server is shutting down; send the request again.")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.idle(), timeout_s)
-        self.fail_all(RetryableRequestError(f"The server shut down before this request finished (--shutdown-timeout "
-                                            f"{timeout_s:g} s); send it again."))
+        self.fail_all(RetryableRequestError("The server shut down before this request finished "
+                                            f"(--shutdown-timeout {timeout_s:g} s); send it again."))
 
     async def idle(self):
         while self.pending:
@@ -1435,9 +1457,10 @@ class Batcher:
             if pending.sent:
                 del self.pending[key]
                 pending.collector.put(RequestOutput(
-                    request_id=key, prompt=None, prompt_token_ids=None, prompt_logprobs=None, finished=True,
-                    outputs=[CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None,
-                                              logprobs=None, finish_reason=finish_reason)]))
+                    request_id=key, prompt=None, prompt_token_ids=None, prompt_logprobs=None,
+                    finished=True, outputs=[CompletionOutput(index=0, text="", token_ids=[],
+                                                             cumulative_logprob=None, logprobs=None,
+                                                             finish_reason=finish_reason)]))
 
     def hold(self, by):
         """New requests wait at the gate until `by` releases it (admitted ones go on unless frozen)."""
@@ -1475,7 +1498,7 @@ class Batcher:
         try:
             await asyncio.wait_for(self.gate.wait(), timeout_s)
         except asyncio.TimeoutError:
-            raise RetryableRequestError(f"Generation is paused for a weight update and was not resumed within "
+            raise RetryableRequestError("Generation is paused for a weight update and was not resumed within "
                                         f"{timeout_s:g} s; send the request again.") from None
         finally:
             self.waiting -= 1
@@ -1547,6 +1570,9 @@ class Batcher:
 # ------------------------------------------------------------------------------------------------
 
 
+JOINS = {"legacy": "/init_communicator", "stock": "/init_weight_transfer_engine"}  # where a group forms
+
+
 @functools.cache
 def checkpoint_shapes(model, revision):
     """{name: shape} from the checkpoint's safetensors headers (no tensor is read); None if unknown."""
@@ -1594,9 +1620,11 @@ def stock_group(init_info, ours):
                          f"{ours} (this server's workers), the trainer at rank 0.", param="init_info")
     if not (isinstance(uid, str) or (isinstance(host, str) and is_int(port))) or not is_int(buffer_bytes):
         raise http_error("`init_info` needs `master_address` and an integer `master_port` (or "
-                         "`nccl_unique_id_b64`), and an integer `packed_buffer_size_bytes`.", param="init_info")
+                         "`nccl_unique_id_b64`), and an integer `packed_buffer_size_bytes`.",
+                         param="init_info")
     return ({"rank": offset, "host": host, "port": port, "world_size": world_size, "source": 0,
-             "nccl_unique_id_b64": uid}, {"packed": bool(info.get("packed", False)), "buffer_bytes": buffer_bytes})
+             "nccl_unique_id_b64": uid}, {"packed": bool(info.get("packed", False)),
+                                          "buffer_bytes": buffer_bytes})
 
 
 def stock_metas(info, known):
@@ -1611,7 +1639,8 @@ def stock_metas(info, known):
                          param="update_info")
     metas = []
     for name, dtype, shape in zip(names, dtypes, shapes):
-        if not (isinstance(name, str) and isinstance(dtype, str) and dtype.removeprefix("torch.") in TORCH_DTYPES):
+        if not (isinstance(name, str) and isinstance(dtype, str)
+                and dtype.removeprefix("torch.") in TORCH_DTYPES):
             raise http_error(f"Each name must be a string and each dtype one of {sorted(TORCH_DTYPES)}: got "
                              f"{json.dumps(name)}, {json.dumps(dtype)}.", param="update_info")
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
@@ -1625,9 +1654,9 @@ def stock_metas(info, known):
 
 
 def stock_plans(update_info, replicas, workers, known, group):
-    """Stock's /update_weights `update_info`: {names, dtype_names, shapes[, packed]}, or a list of them indexed
-    by worker (vLLM's `data_parallel_index * world_size + rank`), replica i taking its workers' entry →
-    ({replica: transfer plan}, names), or a 400. Names and sizes are checked against the checkpoint
+    """Stock's /update_weights `update_info`: {names, dtype_names, shapes[, packed]}, or a list of them
+    indexed by worker (vLLM's `data_parallel_index * world_size + rank`), replica i taking its workers' entry
+    → ({replica: transfer plan}, names), or a 400. Names and sizes are checked against the checkpoint
     (`known`) before anything is broadcast; shapes are the load's to check."""
     total = replicas * workers
     infos = update_info if isinstance(update_info, list) else [update_info] * total
@@ -1635,7 +1664,8 @@ def stock_plans(update_info, replicas, workers, known, group):
         raise http_error(f"`update_info` lists {len(infos)} entries; this server has {total} workers "
                          f"({replicas} replicas x {workers}).", param="update_info")
     chosen = [infos[rank * workers] for rank in range(replicas)]
-    if any(infos[rank * workers:(rank + 1) * workers] != [info] * workers for rank, info in enumerate(chosen)):
+    if any(infos[rank * workers:(rank + 1) * workers] != [info] * workers
+           for rank, info in enumerate(chosen)):
         raise http_error("The workers of one replica must get the same `update_info`.", param="update_info")
     plans, names = {}, set()
     for rank, info in enumerate(chosen):
@@ -1665,7 +1695,8 @@ class Update:
         self.per_parameter = False  # it came from /update_named_param (no end marker)
         self.arrived = set()  # names received
         self.named = None  # the version the trainer named for it
-        self.version, self.commits, self.rollbacks = "default", 0, 0  # "default": vLLM's, for weights never updated
+        # "default": vLLM's, for weights never updated
+        self.version, self.commits, self.rollbacks = "default", 0, 0
         self.last = None  # the last update's outcome
 
     def report(self):
@@ -1702,15 +1733,16 @@ class Update:
             if not self.replicas.alive():
                 raise
             await self.rollback(f"loading the new weights failed: {exc}")
-            raise http_error(f"Loading the new weights failed, and the update was rolled back (the previous weights "
-                             f"serve): {exc}", status=409) from None
-        version = version or self.named or str(int(self.version) + 1 if self.version.isdigit() else self.commits + 1)
+            raise http_error("Loading the new weights failed, and the update was rolled back (the previous "
+                             f"weights serve): {exc}", status=409) from None
+        number = int(self.version) + 1 if self.version.isdigit() else self.commits + 1
+        version = version or self.named or str(number)
         await self.replicas.call("weights", "commit", version)
         unchanged = sorted({name for replica in loaded for worker in replica for name in worker})
         self.version, self.commits, self.state = version, self.commits + 1, "idle"
         self.last = {"outcome": "committed", "version": version, "unchanged_layers": unchanged}
-        logger.info("weight update committed: version %s%s", version,
-                    f"; layers left unchanged (only part of their tensors came): {unchanged}" if unchanged else "")
+        note = f"; layers left unchanged (only part of their tensors came): {unchanged}" if unchanged else ""
+        logger.info("weight update committed: version %s%s", version, note)
         await self.batcher.release("update")
         return self.last
 
@@ -1741,9 +1773,9 @@ class WeightSync:
 
     def __init__(self, args, replicas: Replicas, batcher: Batcher, backend, on_cuda):
         self.args, self.replicas, self.batcher = args, replicas, batcher
-        self.backend, self.on_cuda = backend, on_cuda  # --weight-transfer-config's backend; the replicas' device
+        self.backend, self.on_cuda = backend, on_cuda  # the transfer engine's backend; the replicas' device
         self.steps = asyncio.Lock()
-        self.group = None  # the trainer's group: {"dialect", "owner" (its client's name, if sent), "packed", ...}
+        self.group = None  # the trainer's: {"dialect", "owner" (its client's name), "packed", ...}
         self.broken = None  # why the group's last step failed: its next step gets a 409 saying so
         self.update = Update(replicas, batcher)
         self.timer, self.tasks = None, set()  # the deadline; steps that run on after their HTTP call answered
@@ -1774,33 +1806,33 @@ class WeightSync:
         quantization = self.replicas.infos[0]["quantization"]
         if quantization:
             raise http_error(f"Weight sync into a quantized model ({quantization}) is not supported: the "
-                             "trainer's tensors would be loaded without their quantization scales. Serve the "
-                             "unquantized checkpoint to train against it.", status=409)
+                             "trainer's tensors carry no quantization scales. Serve the unquantized "
+                             "checkpoint to train against it.", status=409)
 
     def check_owner(self):
-        """409 for a step from a trainer whose group a newer one replaced (a restarted trainer's old self): it
-        must not reach the new group. Only clients that name their group (X-Weight-Sync-Group) can be told
-        apart."""
+        """409 for a step from a trainer whose group a newer one replaced (a restarted trainer's old self).
+        Only clients that name their group (X-Weight-Sync-Group) can be told apart."""
         sender, owner = TRAINER.get(), (self.group or {}).get("owner")
         if sender and owner and sender != owner:
-            raise http_error("This trainer's weight-sync group was replaced by a newer trainer's (a restarted "
-                             "trainer): call init again to take over.", status=409)
+            raise http_error("This trainer's weight-sync group was replaced by a newer trainer's (a "
+                             "restarted trainer): call init again to take over.", status=409)
 
     def check_group(self, dialect):
         """409 unless the trainer's group of `dialect` is open and its last step did not fail."""
         self.check_owner()
-        join = "/init_communicator" if dialect == "legacy" else "/init_weight_transfer_engine"
+        join = JOINS[dialect]
         if self.broken:
-            raise http_error(f"The previous weight-sync step failed, and the update was rolled back: {self.broken}. "
-                             f"Call {join} again.", status=409)
+            raise http_error("The previous weight-sync step failed, and the update was rolled back: "
+                             f"{self.broken}. Call {join} again.", status=409)
         if (self.group or {}).get("dialect") != dialect:
             raise http_error(f"No weight-sync group: call {join} first.", status=409)
 
     def spec(self, replica, **fields):
         """A replica's part of the group (WeightEngine.join): `rank` is the group's first rank of this
         server's workers; the replica's first comes `replica` replicas later."""
-        return {"backend": self.backend, "timeout_s": self.args.weight_sync_timeout, "abort": self.counter.name,
-                **fields, "rank": fields["rank"] + replica * self.workers}
+        common = {"backend": self.backend, "timeout_s": self.args.weight_sync_timeout,
+                  "abort": self.counter.name}
+        return {**common, **fields, "rank": fields["rank"] + replica * self.workers}
 
     # --- the deadline, and ending waits at once ---------------------------------------------------------
 
@@ -1833,8 +1865,8 @@ class WeightSync:
             return self.arm()
         async with self.steps:
             if self.update.state != "idle":
-                await self.update.rollback(f"no step came from the trainer for {self.args.weight_sync_timeout:g} s "
-                                     "(--weight-sync-timeout)")
+                await self.update.rollback("no step came from the trainer for "
+                                           f"{self.args.weight_sync_timeout:g} s (--weight-sync-timeout)")
             if "pause" in self.batcher.holds:
                 logger.warning("generation was paused (/pause) for %g s without a /resume: resuming",
                                self.args.weight_sync_timeout)
@@ -1849,8 +1881,8 @@ class WeightSync:
         meanwhile, and this returns once it did."""
         self.check_allowed()
         if self.backend == "nccl" and not self.on_cuda:  # TRL's documented command line, on a CPU box
-            raise http_error("The replicas run on CPU, where NCCL cannot transfer weights: start the server with "
-                             "--weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
+            raise http_error("The replicas run on CPU, where NCCL cannot transfer weights: start the server "
+                             "with --weight-transfer-config '{\"backend\": \"gloo\"}' (the default on CPU).")
         self.arm()
         self.abort_waits()
         await self.steps.acquire()
@@ -1861,10 +1893,11 @@ class WeightSync:
             self.group, self.broken = {"dialect": dialect, "owner": TRAINER.get(), **group}, None
             messages = {rank: ("weights", ("join", self.spec(rank, **fields), self.epoch))
                         for rank in range(len(self.replicas))}
+            what = "joining the trainer's group"
             if dialect == "legacy":
-                self.background(self._settle(await self.replicas.fire(messages), "joining the trainer's group"))
+                self.background(self._settle(await self.replicas.fire(messages), what))
                 return
-            await self._settle(self.replicas.call_each(messages), "joining the trainer's group", release=False)
+            await self._settle(self.replicas.call_each(messages), what, release=False)
         except BaseException:
             self.steps.release()
             raise
@@ -1896,12 +1929,11 @@ class WeightSync:
 
     async def receive(self, dialect, plans, names, *, per_parameter=False, drain=False, finish=False,
                       version=None):
-        """Tensors the trainer broadcasts next: `plans` {rank: transfer_plan}. TRL's routes answer at once (its
-        trainer broadcasts after that), the replies are read in the background: a batched update commits once
-        received (`finish`), a `per_parameter` one once the whole checkpoint arrived (or at
-        /reset_prefix_cache, /close_communicator). Stock's /update_weights, and a TRL batched update that does
-        not `finish` (a client committing several servers at once), answer once the tensors are loaded.
-        `drain`: running requests finish first instead of freezing."""
+        """Tensors the trainer broadcasts next: `plans` {rank: transfer_plan}. TRL's routes answer at once
+        (its trainer broadcasts after that) and read the replies in the background: a batched update commits
+        once received (`finish`), a `per_parameter` one once the whole checkpoint arrived (or at
+        /reset_prefix_cache, /close_communicator). The others (stock's, and TRL's batched without `finish`:
+        a client committing several servers at once) answer once loaded. `drain`: running ones end first."""
         self.arm()
         await self.steps.acquire()
         try:
@@ -1936,9 +1968,9 @@ class WeightSync:
                 await self.replicas.call("weights", "leave")
                 if self.update.state != "idle":
                     await self.update.rollback(self.broken)
-                join = "/init_communicator" if self.group["dialect"] == "legacy" else "/init_weight_transfer_engine"
-                raise http_error(f"{self.broken}. The update was rolled back (the previous weights serve) and the "
-                                 f"group is closed; call {join} again.", status=409) from None
+                raise http_error(f"{self.broken}. The update was rolled back (the previous weights serve) "
+                                 f"and the group is closed; call {JOINS[self.group['dialect']]} again.",
+                                 status=409) from None
         finally:
             if release:
                 self.steps.release()
@@ -1963,7 +1995,7 @@ class WeightSync:
         return self.report()
 
     async def finish(self, version=None):
-        """/finish_weight_update, and /reset_prefix_cache after TRL's per-parameter updates (Update.finish)."""
+        """/finish_weight_update; /reset_prefix_cache after TRL's per-parameter updates (Update.finish)."""
         self.check_owner()
         self.arm()
         async with self.steps:
@@ -1986,7 +2018,8 @@ class ReplicaEngineClient(EngineClient):
     here (tokenizer-only renderer, no model), `generate` builds the engine request and hands it to the
     batcher, and yields the outputs that come back, as AsyncLLM does."""
 
-    def __init__(self, vllm_config, batcher: Batcher, weight_sync: WeightSync, supported_tasks, pause_timeout_s):
+    def __init__(self, vllm_config, batcher: Batcher, weight_sync: WeightSync, supported_tasks,
+                 pause_timeout_s):
         self.vllm_config, self.model_config = vllm_config, vllm_config.model_config
         self.renderer = renderer_from_config(vllm_config)
         self.input_processor = InputProcessor(vllm_config, self.renderer)
@@ -2036,8 +2069,9 @@ class ReplicaEngineClient(EngineClient):
                    else self.input_processor.process_inputs_async)  # a raw prompt is tokenized off the loop
         request = process(request_id, prompt, sampling_params, supported_tasks=self.supported_tasks,
                           lora_request=lora_request, tokenization_kwargs=tokenization_kwargs,
-                          trace_headers=trace_headers, priority=priority, data_parallel_rank=data_parallel_rank,
-                          session_id=session_id, kv_hints=kv_hints)  # validates the rank against our N
+                          trace_headers=trace_headers, priority=priority,
+                          data_parallel_rank=data_parallel_rank,  # validated against our N
+                          session_id=session_id, kv_hints=kv_hints)
         if asyncio.iscoroutine(request):
             request = await request
         self.pin_grammar(request.sampling_params)
@@ -2047,7 +2081,8 @@ class ReplicaEngineClient(EngineClient):
             request.reasoning_ended = reasoning_ended
         if reasoning_parser_kwargs is not None:
             request.reasoning_parser_kwargs = reasoning_parser_kwargs
-        key = request.request_id = f"{request_id}#{next(self.keys)}"  # the replica's engine appends its own suffix
+        # the replica's engine appends its own suffix
+        key = request.request_id = f"{request_id}#{next(self.keys)}"
         request.data_parallel_rank = None  # each replica's engine has data-parallel size 1
         collector = RequestOutputCollector(sampling_params.output_kind, key)
         self.by_request_id.setdefault(request_id, set()).add(key)
@@ -2059,7 +2094,8 @@ class ReplicaEngineClient(EngineClient):
                 finished = output.finished
                 output.request_id = request_id  # what AsyncLLM yields: the caller's id
                 if spans is not None:  # the HTTP request asked for them (Bodies)
-                    spans.update({(request_id, c.index): [dataclasses.asdict(span) for span in c.weight_versions]
+                    spans.update({(request_id, c.index): [dataclasses.asdict(span)
+                                                          for span in c.weight_versions]
                                   for c in output.outputs if c.weight_versions is not None})
                 yield output
         finally:
@@ -2072,9 +2108,9 @@ class ReplicaEngineClient(EngineClient):
 
     def pin_grammar(self, params):
         """vLLM fixes one structured-output backend per engine, at its first structured request, while `auto`
-        picks one per request: a later request that only another backend takes fails in the engine step (a 500;
-        stock too, upstream). The first backend picked here is every replica's, and a request picked for another
-        is checked again for it: a 400 if it does not take it, as that backend's own check answers."""
+        picks one per request: a later request that only another backend takes fails in the engine step (a
+        500; stock too, upstream). The first backend picked here is every replica's, and a request picked for
+        another is checked again for it: a 400 if it does not take it, as that backend's own check answers."""
         outputs = params.structured_outputs if params is not None else None
         if outputs is None or not outputs._backend_was_auto:
             return
@@ -2093,14 +2129,16 @@ class ReplicaEngineClient(EngineClient):
                 self.batcher.cancel(key)
                 if pending is not None:
                     pending.collector.put(RequestOutput(
-                        request_id=key, prompt=None, prompt_token_ids=None, prompt_logprobs=None, finished=True,
+                        request_id=key, prompt=None, prompt_token_ids=None, prompt_logprobs=None,
+                        finished=True,
                         outputs=[CompletionOutput(index=0, text="", token_ids=[], cumulative_logprob=None,
                                                   logprobs=None, finish_reason="abort")]))
 
     def encode(self, *args, **kwargs):
         raise NotImplementedError("This server serves generative models only.")
 
-    async def notify_kv_transfer_request_rejected(self, request_id, kv_transfer_params, *, data_parallel_rank=None):
+    async def notify_kv_transfer_request_rejected(self, request_id, kv_transfer_params, *,
+                                                  data_parallel_rank=None):
         return None  # no KV connector
 
     # --- caches, observability -------------------------------------------------------------------
@@ -2241,7 +2279,8 @@ def check_json(value):
                 try:
                     item.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise http_error("The body holds a string that is not valid Unicode (a lone surrogate).") from None
+                    message = "The body holds a string that is not valid Unicode (a lone surrogate)."
+                    raise http_error(message) from None
             continue
         if depth > MAX_JSON_DEPTH:
             raise http_error(f"The body is nested deeper than {MAX_JSON_DEPTH} levels.")
@@ -2271,7 +2310,8 @@ def unchecked_field(body):
         for i, tool in enumerate(body["tools"]):
             function = tool.get("function", ...) if isinstance(tool, dict) else None
             if function is ... or isinstance(function, dict) and "name" not in function:
-                return f"tools.{i}.function", 'Each tool must be {"type": "function", "function": {"name": ...}}.'
+                return (f"tools.{i}.function",
+                        'Each tool must be {"type": "function", "function": {"name": ...}}.')
     return None
 
 
@@ -2296,7 +2336,8 @@ async def health(request):
     if server.batcher.failure or server.batcher.closing:
         raise http_error(str(server.batcher.failure or server.batcher.closing), status=503)
     return JSONResponse({"status": "ok", "paused": not server.batcher.gate.is_set(),
-                         "requests_running": server.batcher.running, "requests_waiting": server.batcher.waiting,
+                         "requests_running": server.batcher.running,
+                         "requests_waiting": server.batcher.waiting,
                          "requests_aborted": server.batcher.aborted,  # their client left while they ran
                          "requests_finished_per_rank": server.batcher.finished,
                          "weights": server.weight_sync.report()})
@@ -2324,7 +2365,8 @@ def param_meta(weight_sync, body):
         if name not in known:
             raise http_error(f"Unknown parameter {name!r}: not in the served checkpoint.", param="name")
         if shape != known[name]:
-            raise http_error(f"Shape mismatch for {name!r}: got {shape}, the model has {known[name]}.", param="shape")
+            raise http_error(f"Shape mismatch for {name!r}: got {shape}, the model has {known[name]}.",
+                             param="shape")
     return {"name": name, "dtype": dtype, "shape": shape}
 
 
@@ -2348,14 +2390,16 @@ async def init_communicator(request):
     ours = weight_sync.world_size
     offset, world_size = body.get("rank_offset", 0), body.get("world_size", ours + 1)
     if not is_int(offset) or not is_int(world_size) or offset < 0 or offset + ours > world_size - 1:
-        raise http_error(f"This server's {ours} ranks start at `rank_offset` and must lie below the trainer's, the "
-                         f"last of `world_size`: need 0 <= rank_offset and rank_offset + {ours} <= world_size - 1, got "
-                         f"{json.dumps(offset)} and {json.dumps(world_size)}.", param="rank_offset")
-    gpu = shared_gpu(str(body.get("client_device_uuid")), [u for i in weight_sync.replicas.infos for u in i["gpu_uuids"]])
+        raise http_error(f"This server's {ours} ranks start at `rank_offset` and must lie below the "
+                         "trainer's, the last of `world_size`: need 0 <= rank_offset and rank_offset + "
+                         f"{ours} <= world_size - 1, got {json.dumps(offset)} and "
+                         f"{json.dumps(world_size)}.", param="rank_offset")
+    gpu = shared_gpu(str(body.get("client_device_uuid")),
+                     [u for i in weight_sync.replicas.infos for u in i["gpu_uuids"]])
     if gpu and weight_sync.backend == "nccl":  # gloo goes through host memory: any device will do
-        raise http_error(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL cannot "
-                         "broadcast within one device. Put the trainer on another GPU (CUDA_VISIBLE_DEVICES).",
-                         param="client_device_uuid")
+        raise http_error(f"The trainer's device (GPU {gpu}) is one this server's vLLM workers use; NCCL "
+                         "cannot broadcast within one device. Put the trainer on another GPU "
+                         "(CUDA_VISIBLE_DEVICES).", param="client_device_uuid")
     await weight_sync.join("legacy", {"rank": offset, "host": host, "port": port, "world_size": world_size,
                                       "source": world_size - 1, "barrier": weight_sync.backend == "nccl"})
     return JSONResponse({"message": "Request received, initializing communicator", "world_size": world_size,
@@ -2387,10 +2431,12 @@ async def update_named_params(request):
     if not is_int(bucket_bytes) or bucket_bytes < 1:
         raise http_error("`bucket_bytes` must be a positive integer.", param="bucket_bytes")
     layout = body.get("layout")
-    if not is_int(layout) or layout != WEIGHT_LAYOUT:  # a client without `layout` packs back to back (layout 1)
-        raise http_error(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} bytes in its "
-                         f"bucket), got {json.dumps(layout)}: a client that sends none packs tensors back to back. "
-                         "Use the vllm_client.py that ships with this server.", param="layout")
+    # a client without `layout` packs back to back (layout 1)
+    if not is_int(layout) or layout != WEIGHT_LAYOUT:
+        raise http_error(f"`layout` must be {WEIGHT_LAYOUT} (each tensor padded to {WEIGHT_ALIGN_BYTES} "
+                         f"bytes in its bucket), got {json.dumps(layout)}: a client that sends none packs "
+                         "tensors back to back. Use the vllm_client.py that ships with this server.",
+                         param="layout")
     pause, finish = body.get("pause", "wait"), body.get("finish", True)
     if pause not in ("wait", "keep"):
         raise http_error("`pause` must be \"wait\" (running requests finish first) or \"keep\" (they freeze "
@@ -2433,8 +2479,8 @@ async def close_communicator(request):
 # ------------------------------------------------------------------------------------------------
 
 
-LEGACY_DEFAULTS = {"n": 1, "repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
-                   "max_tokens": 16, "logprobs": 0}  # trl vllm-serve's
+LEGACY_DEFAULTS = {"n": 1, "repetition_penalty": 1.0, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+                   "min_p": 0.0, "max_tokens": 16, "logprobs": 0}  # trl vllm-serve's
 
 
 def legacy_request(model_cls, body, fields, **extra):
@@ -2473,8 +2519,8 @@ async def legacy_generate_all(server, serving, request, engine_inputs, max_token
             continue
         room = max_model_len - len(engine_input["prompt_token_ids"])
         if max_tokens > room:
-            raise http_error(f"max_tokens={max_tokens} does not fit in max_model_len={max_model_len} beside a "
-                             f"prompt of {len(engine_input['prompt_token_ids'])} tokens.", param=param)
+            raise http_error(f"max_tokens={max_tokens} does not fit in max_model_len={max_model_len} beside "
+                             f"a prompt of {len(engine_input['prompt_token_ids'])} tokens.", param=param)
     params = request.to_sampling_params(max_tokens, serving.default_sampling_params)
 
     async def final(engine_input, i):
@@ -2491,13 +2537,14 @@ def legacy_response(outputs, versions=False):
     logprobs of each position sorted by rank (the sampled token's included, as vLLM returns it). `versions`:
     weight_versions too, per completion (as the /v1 routes give them)."""
     completions = [c for o in outputs for c in sorted(o.outputs, key=lambda c: c.index)]
-    ranked = None
-    if all(c.logprobs is not None for c in completions):
+    logprobs = ids = None
+    if completions and all(c.logprobs is not None for c in completions):
         ranked = [[sorted(pos.items(), key=lambda kv: kv[1].rank) for pos in c.logprobs] for c in completions]
+        logprobs = [[[finite(lp.logprob) for _, lp in pos] for pos in c] for c in ranked]
+        ids = [[[tid for tid, _ in pos] for pos in c] for c in ranked]
     response = {"prompt_ids": [list(o.prompt_token_ids) for o in outputs],
-                "completion_ids": [list(c.token_ids) for c in completions],
-                "logprobs": [[[finite(lp.logprob) for _, lp in pos] for pos in c] for c in ranked] if ranked else None,
-                "logprob_token_ids": [[[tid for tid, _ in pos] for pos in c] for c in ranked] if ranked else None}
+                "completion_ids": [list(c.token_ids) for c in completions], "logprobs": logprobs,
+                "logprob_token_ids": ids}
     if versions:
         response["weight_versions"] = [[dataclasses.asdict(span) for span in c.weight_versions or ()]
                                        for c in completions]
@@ -2513,8 +2560,8 @@ async def legacy_generate(request):
     fields = ["n", "repetition_penalty", "temperature", "top_p", "top_k", "min_p", "max_tokens", "logprobs"]
     vllm_request = legacy_request(CompletionRequest, body, fields, prompt=prompts)
     if images:  # vLLM's engine renders multimodal prompts itself (its placeholders expand per image)
-        engine_inputs = [with_images(prompt, images_of) for prompt, images_of in zip(prompts, legacy_images(images,
-                                                                                                          prompts))]
+        engine_inputs = [with_images(prompt, images_of)
+                         for prompt, images_of in zip(prompts, legacy_images(images, prompts))]
     else:
         engine_inputs = await serving.render_completion_request(vllm_request)
     if not isinstance(engine_inputs, list):
@@ -2525,10 +2572,10 @@ async def legacy_generate(request):
 
 
 def legacy_images(images, prompts):
-    """TRL's `images`: per prompt, null or a list of base64 PNG/JPEG strings → per prompt, a list of PIL
-    images."""
+    """TRL's `images` (per prompt: null or a list of base64 PNG/JPEG strings) → per prompt, PIL images."""
     if len(images) != len(prompts) or not all(i is None or isinstance(i, list) for i in images):
-        raise http_error("`images` must have one entry per prompt: null or a list of base64 strings.", param="images")
+        raise http_error("`images` must have one entry per prompt: null or a list of base64 strings.",
+                         param="images")
     decoded = []
     for entry in images:
         try:
@@ -2549,16 +2596,18 @@ async def legacy_chat(request):
     server, body = state(request), await read_json(request)
     conversations = listed(body, "messages")
     if not all(isinstance(c, list) and all(isinstance(m, dict) for m in c) for c in conversations):
-        raise http_error("`messages` must be a list of conversations (lists of message objects).", param="messages")
+        raise http_error("`messages` must be a list of conversations (lists of message objects).",
+                         param="messages")
     serving = request.app.state.openai_serving_chat
     logprobs = body.get("logprobs", LEGACY_DEFAULTS["logprobs"])
-    extra = {key: body[key] for key in ("tools", "chat_template", "chat_template_kwargs") if body.get(key) is not None}
+    extra = {k: body[k] for k in ("tools", "chat_template", "chat_template_kwargs") if k in body}
     outputs = []
     for conversation in conversations:  # one render per conversation, as /v1/chat/completions
         for message in conversation:  # TRL sends images as `image_pil` parts holding base64
             for part in message.get("content") if isinstance(message.get("content"), list) else ():
                 if isinstance(part, dict) and part.get("type") == "image_pil":
-                    part.update(type="image_url", image_url={"url": f"data:image/png;base64,{part.pop('image_pil')}"})
+                    part.update(type="image_url",
+                                image_url={"url": f"data:image/png;base64,{part.pop('image_pil')}"})
         vllm_request = legacy_request(
             ChatCompletionRequest, body, ["n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                                           "max_tokens"], messages=conversation, **extra,
@@ -2567,8 +2616,8 @@ async def legacy_chat(request):
         if not isinstance(rendered, tuple):
             raise rendering_error(rendered)
         outputs.append((vllm_request, rendered[1]))
-    results = await asyncio.gather(*(legacy_generate_all(server, serving, r, inputs, r.max_tokens, "max_tokens")
-                                     for r, inputs in outputs))
+    results = await asyncio.gather(*(legacy_generate_all(server, serving, r, e, r.max_tokens, "max_tokens")
+                                     for r, e in outputs))
     return JSONResponse(legacy_response([o for result in results for o in result],
                                         body.get("return_weight_versions") is True))
 
@@ -2580,12 +2629,14 @@ async def legacy_sequence_logprobs(request):
     top_k, temperature = body.get("top_logprobs", LEGACY_LOGPROB_TOP_K), body.get("temperature", 1.0)
     fmt = body.get("response_format", "json")
     if len(sequences) != len(prompt_lengths):
-        raise http_error("`sequences` and `prompt_lengths` must have the same length.", param="prompt_lengths")
+        raise http_error("`sequences` and `prompt_lengths` must have the same length.",
+                         param="prompt_lengths")
     if not all(isinstance(s, list) and s and all(is_int(t) for t in s) for s in sequences):
         raise http_error("Each sequence must be a non-empty list of token ids.", param="sequences")
-    if not is_int(top_k) or top_k < 1 or not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
-            or not 0 < temperature < math.inf:
-        raise http_error("top_logprobs must be an int >= 1 and temperature a finite number > 0.", param="top_logprobs")
+    if (not is_int(top_k) or top_k < 1 or not isinstance(temperature, (int, float))
+            or isinstance(temperature, bool) or not 0 < temperature < math.inf):
+        raise http_error("top_logprobs must be an int >= 1 and temperature a finite number > 0.",
+                         param="top_logprobs")
     if fmt not in ("json", "binary"):
         raise http_error("response_format must be 'json' or 'binary'.", param="response_format")
     if not all(is_int(n) and 0 <= n <= len(s) for s, n in zip(sequences, prompt_lengths)):
@@ -2611,7 +2662,8 @@ def teacher_rows(seq, prompt_length, positions, top_k):
               for i in scored]
     ranked = [[kv for kv in row if kv[1].rank <= top_k][:top_k] or row[:top_k] for row in ranked]
     actual = [(positions[i] or {}).get(seq[i]) if i < len(positions) else None for i in scored]
-    rows = ([[finite(lp.logprob) for _, lp in row] for row in ranked], [[tid for tid, _ in row] for row in ranked],
+    rows = ([[finite(lp.logprob) for _, lp in row] for row in ranked],
+            [[tid for tid, _ in row] for row in ranked],
             [[finite(a.logprob) if a else None] for a in actual], [[seq[i]] for i in scored])
     if prompt_length == 0:  # the first token has no logprob (nothing precedes it)
         rows = ([[]] + rows[0], [[]] + rows[1], [[None]] + rows[2], [[seq[0]]] + rows[3])
@@ -2657,9 +2709,9 @@ ROUTES = [  # ours; a path here replaces vLLM's route of the same path
 
 VLLM_ROUTES = {  # vLLM's routes we serve, as its app registers them; any other route of its app is removed
     "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/load", "/version", "/metrics", "/ping",
-    "/tokenize", "/detokenize", "/v1/models", "/invocations", "/v1/chat/completions", "/v1/chat/completions/batch",
-    "/v1/responses", "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel", "/v1/completions",
-    "/v1/messages", "/v1/messages/count_tokens", "/v1/systemone", "/generative_scoring",
+    "/tokenize", "/detokenize", "/v1/models", "/invocations", "/v1/chat/completions", "/v1/completions",
+    "/v1/chat/completions/batch", "/v1/responses", "/v1/responses/{response_id}", "/v1/systemone",
+    "/v1/responses/{response_id}/cancel", "/v1/messages", "/v1/messages/count_tokens", "/generative_scoring",
     # scale-out routes: 403 unless --enable-scale-out, as in stock
     "/v1/chat/completions/render", "/v1/messages/render", "/v1/completions/render", "/v1/responses/render",
     "/v1/chat/completions/derender", "/v1/completions/derender", "/inference/v1/generate",
@@ -2729,7 +2781,8 @@ class StreamErrors:
                          "sequence_number": -1}
                 body = b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
             else:
-                body = b"data: " + json.dumps({"error": error.model_dump()}).encode() + b"\n\ndata: [DONE]\n\n"
+                error_json = json.dumps({"error": error.model_dump()}).encode()
+                body = b"data: " + error_json + b"\n\ndata: [DONE]\n\n"
             logger.warning("%s: a stream ended with %s: %s", scope["path"], error.code, error.message)
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -2765,7 +2818,8 @@ class Bodies:
                 pass
         if error := unchecked_field(asked):
             return await error_response(http_error(error[1], param=error[0]))(scope, receive, send)
-        if scope["path"] == "/invocations" or not isinstance(asked, dict) or asked.pop(self.FIELD, None) is not True:
+        if (scope["path"] == "/invocations" or not isinstance(asked, dict)
+                or asked.pop(self.FIELD, None) is not True):
             return await self.app(scope, replayed(body, receive), send)
         body = json.dumps(asked).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
@@ -2797,7 +2851,8 @@ class Bodies:
         async def wrapped(message):
             if message["type"] == "http.response.start":
                 held["start"], held["stream"] = message, any(
-                    k == b"content-type" and v.startswith(b"text/event-stream") for k, v in message["headers"])
+                    k == b"content-type" and v.startswith(b"text/event-stream")
+                    for k, v in message["headers"])
                 if held["stream"]:
                     await send(message)
                 return
@@ -2848,7 +2903,8 @@ class Guard:
         TRAINER.set(headers.get(TRAINER_HEADER, b"").decode("latin-1") or None)  # for WeightSync.check_owner
         open_path = scope["path"].rstrip("/") in OPEN_PATHS or scope["method"] == "OPTIONS"
         given = headers.get(b"authorization", b"")
-        if self.expected and not open_path and not any(hmac.compare_digest(given, key) for key in self.expected):
+        if self.expected and not open_path and not any(hmac.compare_digest(given, key)
+                                                       for key in self.expected):
             error = http_error("Invalid or missing API key (Authorization: Bearer <key>).", status=401)
             return await error_response(error)(scope, receive, send)
         too_large = error_response(http_error(f"Request body larger than {self.max_body} bytes "
@@ -2887,7 +2943,8 @@ async def build(args, server: Server, parent_config):
                                         args.weight_sync_timeout)
     vllm_args = argparse.Namespace(**{**vars(args), "api_key": None})  # Guard owns the key, for every route
     app = build_app(vllm_args, tasks, parent_config.model_config)
-    app.include_router(rl_router.router)  # stock's RL routes, which dev mode alone would register; filtered below
+    # stock's RL routes, which dev mode alone would register; filtered below
+    app.include_router(rl_router.router)
     server_info_router.attach_router(app)
     await init_app_state(server.client, app.state, vllm_args, tasks)
     ours = {route.path for route in ROUTES}
@@ -2910,8 +2967,8 @@ async def supervise(server: Server, app):
     the server exits with status 1 for its supervisor."""
     if not await server.replicas.watch():
         return
-    logger.error("a vLLM replica or its engine died; exiting with status 1 in %.0f s so a supervisor restarts "
-                 "the server", REPLICA_DEATH_GRACE_S)
+    logger.error("a vLLM replica or its engine died; exiting with status 1 in %.0f s so a supervisor "
+                 "restarts the server", REPLICA_DEATH_GRACE_S)
     server.exit_code = 1
     server.batcher.fail_all(RetryableRequestError(
         "A vLLM replica process died; the server is exiting for its supervisor to restart it."))
@@ -2942,9 +2999,11 @@ def uvicorn_options(args):
     options = dict(host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                    access_log=not args.disable_uvicorn_access_log,
                    timeout_keep_alive=vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
-                   ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
-                   ssl_ciphers=args.ssl_ciphers, h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
-                   h11_max_header_count=args.h11_max_header_count, timeout_graceful_shutdown=SHUTDOWN_ANSWER_S)
+                   ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+                   ssl_cert_reqs=args.ssl_cert_reqs, ssl_ciphers=args.ssl_ciphers,
+                   h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+                   h11_max_header_count=args.h11_max_header_count,
+                   timeout_graceful_shutdown=SHUTDOWN_ANSWER_S)
     if (log_config := get_uvicorn_log_config(args)) is not None:
         options["log_config"] = log_config
     return options
@@ -2956,7 +3015,8 @@ async def serve(args, server: Server, parent_config, sock):
     app = await build(args, server, parent_config)
     tasks = [asyncio.create_task(server.batcher.run()), asyncio.create_task(supervise(server, app))]
     try:
-        await (await serve_http(app, sock, enable_ssl_refresh=args.enable_ssl_refresh, **uvicorn_options(args)))
+        await (await serve_http(app, sock, enable_ssl_refresh=args.enable_ssl_refresh,
+                                **uvicorn_options(args)))
     finally:
         for task in tasks:
             task.cancel()
@@ -2977,7 +3037,8 @@ def stop_on_signals():
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=args.uvicorn_log_level.upper() if args.uvicorn_log_level != "trace" else "DEBUG",
+    level = args.uvicorn_log_level.upper() if args.uvicorn_log_level != "trace" else "DEBUG"
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop_on_signals()
     adopt_orphans()
@@ -2990,9 +3051,10 @@ def main(argv=None):
         # vLLM's own checks (tool and reasoning parsers, their plugins loaded), then the socket, bound before
         # the engines load, as `vllm serve` does
         listen_address, sock = setup_server(args, reuse_port=False)
-        if sock.family != socket.AF_UNIX:  # vLLM's socket has proto 0, so asyncio's loop leaves Nagle on in the
-            # connections it accepts (uvloop, stock's loop, turns it off): a keep-alive client's next request
-            # waited 40 ms for a delayed ACK. They inherit the listener's TCP_NODELAY.
+        # vLLM's socket has proto 0, so asyncio's loop leaves Nagle on in the connections it accepts (uvloop,
+        # stock's loop, turns it off): a keep-alive client's next request waited 40 ms for a delayed ACK. They
+        # inherit the listener's TCP_NODELAY.
+        if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (ValueError, KeyError, OSError) as exc:
         sys.exit(f"vllm_serve.py: error: {exc}")
@@ -3003,7 +3065,8 @@ def main(argv=None):
     server = Server(args, replicas, batcher, weight_sync)
     try:
         replicas.start(args.replica_start_timeout)
-        logger.info("%d vLLM replica(s) ready: %s; serving on %s", len(replicas), replicas.infos, listen_address)
+        logger.info("%d vLLM replica(s) ready: %s; serving on %s", len(replicas), replicas.infos,
+                    listen_address)
         asyncio.run(serve(args, server, parent_config, sock))
     except ReplicaError as exc:
         logger.error("%s", exc)
