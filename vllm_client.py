@@ -9,8 +9,10 @@
 Generation asks the OpenAI routes for token ids, so the same calls work against stock vLLM; prompts with
 images and teacher logprobs use this server's side routes. `base_url` may list several servers: prompts are
 spread by the load this client has in flight on each, those of a server that dies or answers 503 go once to
-the others, and one weight-sync group spans them all. Weight sync speaks TRL's legacy dialect (this server's)
-and stock vLLM's weight-transfer API (when a server lacks the legacy routes, or with `weight_sync="stock"`).
+the others, and one weight-sync group spans them all. `base_url` may be vLLM's router (`vllm-router`):
+generation goes through it, and the group spans the servers behind it, looked up again at every update.
+Weight sync speaks TRL's legacy dialect (this server's) and stock vLLM's weight-transfer API (when a server
+lacks the legacy routes, or with `weight_sync="stock"`).
 Only the standard library and `requests` are imported here: torch, vLLM and transformers where needed.
 """
 
@@ -84,6 +86,8 @@ class VLLMClient:
             urls = base_url.split(",") if isinstance(base_url, str) else base_url
             self.servers = [_server(url) for url in urls]
         self.base_url, self.host = self.servers[0].url, self.servers[0].host
+        self.router = None  # vLLM's router, when base_url is one (it answers /list_workers)
+        self.workers = []  # the servers behind the router, as last looked up
         self.group_port, self.timeout, self.max_concurrent_chats = group_port, timeout, max_concurrent_chats
         # "legacy" (TRL's), "stock" (vLLM's weight-transfer API) or None: stock's if a server lacks TRL's
         self.weight_sync, self.pause_mode = weight_sync, pause_mode
@@ -98,6 +102,7 @@ class VLLMClient:
         self._in_update = self._exiting = False
         self._session = False  # an update that per-parameter updates opened (reset_prefix_cache commits it)
         self.check_server(connection_timeout)
+        self._find_router()
 
     def __enter__(self):
         return self
@@ -129,13 +134,35 @@ class VLLMClient:
                 time.sleep(RETRY_BACKOFF_S * 2**attempt)
         if response.status_code >= 400:
             message = _error_message(response)
-            raise VLLMClientError(f"{url}: {message}" if len(self.servers) > 1 else message,
-                                  response.status_code, response)
+            several = len(self.servers) > 1 or self.router is not None
+            raise VLLMClientError(f"{url}: {message}" if several else message, response.status_code, response)
         return response.json() if response.content else {}
 
     def _live(self):
         """The servers to use: those that did not fail, or all of them if every one did (they may be back)."""
         return [s for s in self.servers if not s.down] or list(self.servers)
+
+    def _find_router(self):
+        """One URL that answers GET /list_workers is vLLM's router. Generation goes through it, so its policy
+        (prefix-cache affinity, load) weighs our requests with every other client's; everything that must
+        reach each server (weight sync, world size, prefix-cache resets) goes to the servers behind it."""
+        if len(self.servers) == 1:
+            with contextlib.suppress(VLLMClientError, ValueError):  # a server: 404
+                urls = self._request("GET", "/list_workers", idempotent=True).get("urls")
+                self.router = self.servers[0] if isinstance(urls, list) else None
+
+    def _fleet(self, refresh=False):
+        """The servers weight sync spans: those behind the router (asked again with `refresh`), else the live
+        ones."""
+        if self.router is None:
+            return self._live()
+        if refresh or not self.workers:
+            urls = self._request("GET", "/list_workers", idempotent=True, server=self.router)["urls"]
+            known = {server.url: server for server in self.workers}
+            self.workers = [known.get(url.rstrip("/")) or _server(url) for url in urls]
+        if not self.workers:
+            raise VLLMClientError(f"The router at {self.router.url} has no servers (GET /list_workers).")
+        return self.workers
 
     def _each(self, method, path, json=None, idempotent=False, servers=None, best_effort=False):
         """The same call to every server (default: the live ones) at once → their bodies, in order; one that
@@ -232,7 +259,8 @@ class VLLMClient:
 
     def get_world_size(self):
         """Number of vLLM workers (tensor_parallel_size * data_parallel_size), summed over the servers."""
-        return sum(info["world_size"] for info in self._each("GET", "/get_world_size", idempotent=True))
+        infos = self._each("GET", "/get_world_size", idempotent=True, servers=self._fleet(refresh=True))
+        return sum(info["world_size"] for info in infos)
 
     def generate(self, prompts, images=None, n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0,
                  min_p=0.0, max_tokens=16, logprobs=0, structured_outputs_regex=None, generation_kwargs=None,
@@ -326,7 +354,7 @@ class VLLMClient:
     def reset_prefix_cache(self):
         """Also commits an open session of per-parameter updates (TRL's per-parameter sync ends here)."""
         self._end_session()
-        self._each("POST", "/reset_prefix_cache", idempotent=True)
+        self._each("POST", "/reset_prefix_cache", idempotent=True, servers=self._fleet())
 
     def init_communicator(self, device=0):
         """Join the weight-sync group of every live server's workers: as its last rank in TRL's dialect, as
@@ -334,7 +362,7 @@ class VLLMClient:
         import torch
 
         self._leave_group()  # a group of an earlier init: its NCCL communicator is not reused
-        self.group, self._in_update, self._session = self._live(), False, False
+        self.group, self._in_update, self._session = self._fleet(refresh=True), False, False
         # names the group in every call: once a newer trainer's group replaced it, servers refuse ours (409)
         self.session.headers["X-Weight-Sync-Group"] = uuid.uuid4().hex
         infos = self._each("GET", "/get_world_size", idempotent=True, servers=self.group)
@@ -428,7 +456,15 @@ class VLLMClient:
 
     def _members(self):
         """The open group's servers (before any init: the live ones, which then answer that none is open)."""
-        return self.group or self._live()
+        return self.group or self._fleet()
+
+    def _regroup(self):
+        """Behind a router, before an update sends anything: if the servers behind it changed since the group
+        formed, the group forms again over them, so one added since takes this update (a trainer sends every
+        weight at every sync), and one removed, alive, leaves the group."""
+        if self.router and [s.url for s in self._fleet(refresh=True)] != [s.url for s in self.group]:
+            self.close_communicator()
+            self.init_communicator(self._device)
 
     @contextlib.contextmanager
     def _update(self):
@@ -454,6 +490,7 @@ class VLLMClient:
     def _open(self):
         """Name the update's version (one past the highest the servers report; None where one reports none:
         TRL's own) and, in stock's dialect, pause generation (`pause_mode`) and start the update."""
+        self._regroup()
         servers = self._members()
         try:
             infos = self._each("GET", "/weight_info", idempotent=True, servers=servers)

@@ -54,6 +54,24 @@ def start_server(tmp_path_factory):
     assert not left, f"processes left behind by servers: {left}"
 
 
+@pytest.fixture
+def start_router(tmp_path_factory):
+    """Factory: start_router(urls, *args, policy=...) → a ready support.Router, stopped when the test ends;
+    none may leave a process behind."""
+    log_dir = tmp_path_factory.mktemp("logs")
+    started = []
+
+    def start(urls, *args, **kwargs):
+        router = support.Router(urls, *args, log_dir=log_dir, **kwargs)
+        started.append(router)
+        return router.start()
+
+    yield start
+    for router in started:
+        router.stop()
+    assert not [router.left_behind for router in started if router.left_behind], "processes left behind"
+
+
 MP = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 STANDARD_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--trust-request-chat-template"]
 

@@ -324,6 +324,60 @@ class Server:
         return seen["last"]
 
 
+class Router:
+    """vLLM's router (`vllm-router`: Rust behind a Python launcher) in front of `urls`, on a free loopback
+    port, logging to a file, stopped by PID like a server."""
+
+    def __init__(self, urls, *args, log_dir, policy="cache_aware"):
+        self.port = free_port()
+        self.url, self.name = f"http://127.0.0.1:{self.port}", f"router-{self.port}"
+        self.log_path = pathlib.Path(log_dir) / f"{self.name}.log"
+        self.args = [sys.executable, "-m", "vllm_router.launch_router", "--host", "127.0.0.1", "--port",
+                     str(self.port), "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+                     "--policy", policy, *args, "--worker-urls", *urls]
+        self.proc = self.log = None
+        self.left_behind, self.exit_code = [], None
+
+    def start(self, timeout=HEALTH_TIMEOUT_S):
+        """Launch, and return once it answers and lists every worker it was given."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                     env={**os.environ, **ENV}, start_new_session=True)
+        given = self.args[self.args.index("--worker-urls") + 1:]
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                return len(self.workers()) == len(given)
+            except (requests.RequestException, ValueError, KeyError):
+                return False
+
+        wait_until(ready, f"{self.name} ready", timeout)
+        return self
+
+    def workers(self):
+        return requests.get(self.url + "/list_workers", timeout=HANG_S).json()["urls"]
+
+    def add(self, url):
+        """Put a server behind the router (its /add_worker), and wait until the router lists it."""
+        requests.post(self.url + "/add_worker", params={"url": url}, timeout=HANG_S).raise_for_status()
+        wait_until(lambda: url in self.workers(), f"{url} behind {self.name}")
+
+    def stop(self):
+        if self.proc is not None and self.exit_code is None:
+            self.left_behind = stop_process(self.proc)
+            self.exit_code = self.proc.returncode
+            self.log.close()
+        return self.exit_code
+
+    def log_text(self):
+        if self.log and not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
 # ------------------------------------------------------------------------------------------------
 # Checked load: requests with distinct prompts, every answer checked against its own request
 # ------------------------------------------------------------------------------------------------

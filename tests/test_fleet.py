@@ -1,12 +1,15 @@
 """Many servers, one client: `VLLMClient(base_url=[a, b])` spreads generation over both by load and returns
 it in input order, sends a dead server's prompts to the other, samples apart on both, and syncs weights
-into both in one group (each bucket broadcast once). Two servers of DP 1 on this machine."""
+into both in one group (each bucket broadcast once). Behind vLLM's router (`vllm-router`), the OpenAI SDK
+and our client take its one URL: generation goes through the router, weight sync to every server behind it,
+one added between syncs included. Two servers of DP 1 on this machine."""
 
 import os
 import subprocess
 import sys
 import threading
 
+import openai
 import psutil
 import pytest
 import requests
@@ -114,6 +117,61 @@ def test_one_group_syncs_both_servers_and_broadcasts_each_bucket_once(fleet, mod
     for server in fleet:
         assert greedy(VLLMClient(base_url=server.url, timeout=HANG_S)) == expected["seed0"]
     client.close_communicator()
+
+
+def direct(server):
+    return VLLMClient(base_url=server.url, timeout=HANG_S)
+
+
+def test_the_openai_sdk_through_the_router_gets_what_a_server_answers_directly(fleet, start_router):
+    """Chat (plain and streamed) and /v1/responses through the router's one URL: the greedy text one of the
+    servers gives when asked directly. A client that does not name the router (the SDK) needs nothing else."""
+    router = start_router([server.url for server in fleet])
+    via, first = (openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=HANG_S)
+                  for url in (router.url, fleet[0].url))
+    chat = dict(model="tiny", messages=CHATS[0], max_tokens=8, temperature=0)
+    text = first.chat.completions.create(**chat).choices[0].message.content
+    assert via.chat.completions.create(**chat).choices[0].message.content == text
+    assert "".join(c.choices[0].delta.content or "" for c in via.chat.completions.create(**chat, stream=True)
+                   if c.choices) == text
+    responses = dict(model="tiny", input="What is 2 + 2?", max_output_tokens=8, temperature=0)
+    assert via.responses.create(**responses).output_text == first.responses.create(**responses).output_text
+
+
+def test_our_client_given_the_router_syncs_every_server_behind_it_one_added_later_included(
+        fleet, models, expected, start_router):
+    """The router starts with one server; our client, given the router's URL, finds it is one and syncs
+    that server. A second server is put behind the router: the next sync (per parameter) forms the group
+    again over both first, so both answer as a fresh engine on the new weights, directly and through the
+    router. Then stock's dialect, batched and per parameter, over both."""
+    router = start_router([fleet[0].url])
+    client = VLLMClient(base_url=router.url, group_port=free_port(), timeout=HANG_S)
+    assert client.router is not None and client.get_world_size() == 1
+    client.init_communicator(device="cpu")
+    client.update_named_params(checkpoint(models["seed1"]), bucket_bytes=BUCKET_BYTES)
+    client.reset_prefix_cache()
+    assert [greedy(direct(server)) for server in fleet] == [expected["seed1"], expected["seed0"]]
+    router.add(fleet[1].url)
+    assert client.get_world_size() == 2
+    for name, tensor in checkpoint(models["seed1"]):
+        client.update_named_param(name, tensor)
+    client.reset_prefix_cache()
+    assert sorted(s.url for s in client.group) == sorted(server.url for server in fleet)
+    assert [greedy(direct(server)) for server in fleet] == [expected["seed1"]] * 2
+    assert greedy(client, PROMPTS * 2) == expected["seed1"] * 2
+    client.close_communicator()
+    stock = VLLMClient(base_url=router.url, group_port=free_port(), timeout=HANG_S, weight_sync="stock")
+    stock.init_communicator(device="cpu")
+    stock.update_named_params(checkpoint(models["seed0"]))
+    stock.reset_prefix_cache()
+    assert [greedy(direct(server)) for server in fleet] == [expected["seed0"]] * 2
+    for name, tensor in checkpoint(models["seed1"]):
+        stock.update_named_param(name, tensor)
+    stock.reset_prefix_cache()
+    assert [greedy(direct(server)) for server in fleet] == [expected["seed1"]] * 2
+    stock.update_named_params(checkpoint(models["seed0"]))  # the weights the next tests expect
+    stock.reset_prefix_cache()
+    stock.close_communicator()
 
 
 TRAINER = """
