@@ -46,6 +46,17 @@ PROMPTS = ["Hello world", "The weather in Paris is", "def f(x):", "What is 2 + 2
 CHATS = [[{"role": "user", "content": "What is 2 + 2?"}],
          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Call a tool."}]]
 GREEDY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}  # /v1 body fields
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"]}}}
+
+
+def forced_tool_call_regex(name, arguments):
+    """A `structured_outputs` regex that makes the model write this hermes tool call (the tiny model would
+    not)."""
+    text = f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(arguments)}}}\n</tool_call>'
+    return "".join("\\" + ch if ch in r".^$*+?{}[]\|()" else ch for ch in text)
 
 
 def endless(prompt=PROMPTS[0], n=4096, max_tokens=400):
@@ -359,6 +370,12 @@ class Router:
 
     def workers(self):
         return requests.get(self.url + "/list_workers", timeout=HANG_S).json()["urls"]
+
+    def remove(self, url):
+        """Take a server from behind the router (its /remove_worker), and wait until the router no longer lists
+        it."""
+        requests.post(self.url + "/remove_worker", params={"url": url}, timeout=HANG_S).raise_for_status()
+        wait_until(lambda: url not in self.workers(), f"{url} gone from {self.name}")
 
     def add(self, url):
         """Put a server behind the router (its /add_worker), and wait until the router lists it."""

@@ -4,6 +4,7 @@ into both in one group (each bucket broadcast once). Behind vLLM's router (`vllm
 and our client take its one URL: generation goes through the router, weight sync to every server behind it,
 one added between syncs included. Two servers of DP 1 on this machine."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 import requests
 
 import vllm_client
-from support import CHATS, HANG_S, PROMPTS, ROOT, checkpoint, free_port, greedy_ids
+from support import (CHATS, HANG_S, PROMPTS, ROOT, WEATHER_TOOL, checkpoint, forced_tool_call_regex, free_port,
+                     greedy_ids)
 from vllm_client import Server, VLLMClient, VLLMClientError, _buckets
 
 MAX_TOKENS = 8
@@ -26,9 +28,9 @@ BUCKET_BYTES = 300_000  # several buckets for the tiny model
 
 @pytest.fixture(scope="module")
 def fleet(models, start_server):
-    """Two servers started alike (same model, same --seed, vLLM's default 0), side by side."""
-    servers = [start_server(models["seed0"], "--weight-sync-timeout", str(SYNC_TIMEOUT_S), name=f"fleet{i}",
-                            wait=False) for i in range(2)]
+    """Two servers started alike (same model, same --seed, vLLM's default 0), side by side; tool calls on."""
+    servers = [start_server(models["seed0"], "--weight-sync-timeout", str(SYNC_TIMEOUT_S), "--enable-auto-tool-choice",
+                            "--tool-call-parser", "hermes", name=f"fleet{i}", wait=False) for i in range(2)]
     for server in servers:
         server.wait_healthy()
     yield servers
@@ -136,6 +138,30 @@ def test_the_openai_sdk_through_the_router_gets_what_a_server_answers_directly(f
                    if c.choices) == text
     responses = dict(model="tiny", input="What is 2 + 2?", max_output_tokens=8, temperature=0)
     assert via.responses.create(**responses).output_text == first.responses.create(**responses).output_text
+
+
+def agent_turns(url):
+    """An agent framework's loop over the OpenAI SDK: the model calls a tool, gets its result, answers. → the
+    call's name and arguments, and the answer."""
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=HANG_S)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    regex = forced_tool_call_regex("get_weather", {"city": "Paris"})
+    asked = sdk.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], tool_choice="auto",
+                                        max_tokens=64, temperature=0,
+                                        extra_body={"structured_outputs": {"regex": regex}}).choices[0]
+    assert asked.finish_reason == "tool_calls", asked
+    (call,) = asked.message.tool_calls
+    messages += [{"role": "assistant", "tool_calls": [{"id": "call-1", "type": "function",
+                                                       "function": call.function.model_dump()}]},
+                 {"role": "tool", "tool_call_id": "call-1", "content": "Sunny, 21 C"}]
+    answer = sdk.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL], max_tokens=8,
+                                         temperature=0).choices[0].message.content
+    return call.function.name, json.loads(call.function.arguments), answer
+
+
+def test_an_agent_loop_through_the_router_calls_a_tool_and_answers_as_a_server_does(fleet, start_router):
+    router = start_router([server.url for server in fleet])
+    assert agent_turns(router.url) == agent_turns(fleet[0].url)
 
 
 def test_our_client_given_the_router_syncs_every_server_behind_it_one_added_later_included(

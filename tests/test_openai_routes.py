@@ -10,15 +10,10 @@ import openai
 import pytest
 import requests
 
-from support import GREEDY, HANG_S, PROMPTS, chat_prompt_ids, dump, greedy_ids, reference, unending
+from support import (GREEDY, HANG_S, PROMPTS, WEATHER_TOOL, chat_prompt_ids, dump, forced_tool_call_regex,
+                     greedy_ids, reference, unending)
 
 PROMPTS = PROMPTS[:4]
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
-                   "required": ["city"]}}}
-
-
 def sdk(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
 
@@ -175,11 +170,6 @@ def test_streaming_reassembles_the_same_text(server):
     raw = requests.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True},
                         timeout=60).text
     assert raw.rstrip().endswith("data: [DONE]")
-
-
-def forced_tool_call_regex(name, arguments):
-    text = f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(arguments)}}}\n</tool_call>'
-    return "".join("\\" + ch if ch in r".^$*+?{}[]\|()" else ch for ch in text)
 
 
 def test_tool_call_auto_is_parsed_by_hermes(server):
