@@ -47,6 +47,12 @@ def start_server(tmp_path_factory):
         started.append(server)
         return server.start() if wait else server.launch()
 
+    def side_by_side(count, model, *args, name="server", **kwargs):
+        """`count` servers launched at once, then waited for: → the healthy servers."""
+        servers = [start(model, *args, name=f"{name}{i}", wait=False, **kwargs) for i in range(count)]
+        return [server.wait_healthy() for server in servers]
+
+    start.side_by_side = side_by_side
     yield start
     for server in started:
         server.stop()

@@ -29,10 +29,8 @@ BUCKET_BYTES = 300_000  # several buckets for the tiny model
 @pytest.fixture(scope="module")
 def fleet(models, start_server):
     """Two servers started alike (same model, same --seed, vLLM's default 0), side by side; tool calls on."""
-    servers = [start_server(models["seed0"], "--weight-sync-timeout", str(SYNC_TIMEOUT_S), "--enable-auto-tool-choice",
-                            "--tool-call-parser", "hermes", name=f"fleet{i}", wait=False) for i in range(2)]
-    for server in servers:
-        server.wait_healthy()
+    servers = start_server.side_by_side(2, models["seed0"], "--weight-sync-timeout", str(SYNC_TIMEOUT_S),
+                                        "--enable-auto-tool-choice", "--tool-call-parser", "hermes", name="fleet")
     yield servers
     for server in servers:
         server.stop()

@@ -14,9 +14,7 @@ BUCKET_BYTES = 300_000  # several buckets for the tiny model: the fault comes be
 
 @pytest.fixture(scope="module")
 def trio(models, start_server):
-    servers = [start_server(models["seed0"], name=f"routed{i}", wait=False) for i in range(3)]
-    for server in servers:
-        server.wait_healthy()
+    servers = start_server.side_by_side(3, models["seed0"], name="routed")
     yield servers
     for server in servers:
         server.stop()
@@ -50,11 +48,17 @@ def after_first_bucket(client, act):
     return acted
 
 
-def test_a_server_taken_from_the_router_mid_step_finishes_it_and_leaves_the_group_at_the_next(
-        trio, models, expected, start_router):
-    router = start_router([server.url for server in trio])
+def routed(servers, start_router):
+    """A router in front of `servers`, and our client given its URL, in a weight-sync group over them."""
+    router = start_router([server.url for server in servers])
     client = VLLMClient(base_url=router.url, group_port=free_port(), timeout=HANG_S)
     client.init_communicator(device="cpu")
+    return router, client
+
+
+def test_a_server_taken_from_the_router_mid_step_finishes_it_and_leaves_the_group_at_the_next(
+        trio, models, expected, start_router):
+    router, client = routed(trio, start_router)
     leaving = trio[2]
     removed = after_first_bucket(client, lambda: router.remove(leaving.url) or leaving.url)
     sync(client, models["seed1"])  # the step began with three: all three take it
@@ -73,9 +77,7 @@ def test_a_server_taken_from_the_router_mid_step_finishes_it_and_leaves_the_grou
 
 def test_a_server_killed_mid_step_fails_it_naming_the_server_and_the_others_keep_their_weights(
         trio, models, expected, start_router):
-    router = start_router([server.url for server in trio])
-    client = VLLMClient(base_url=router.url, group_port=free_port(), timeout=HANG_S)
-    client.init_communicator(device="cpu")
+    router, client = routed(trio, start_router)
     victim = trio[1]
     tree = [psutil.Process(victim.proc.pid), *psutil.Process(victim.proc.pid).children(recursive=True)]
     after_first_bucket(client, lambda: [process.kill() for process in tree])
