@@ -10,6 +10,7 @@ import random
 import time
 
 import aiohttp
+import requests
 
 from common import percentile
 
@@ -33,10 +34,14 @@ def conversations(n, seed=0):
              {"role": "user", "content": sentence(rng)}] for _ in range(n)]
 
 
-def turn_plan(n, turns, lo, hi, seed=0):
-    """Per conversation: its first messages, the follow-up user messages, and max_tokens per turn."""
+def turn_plan(n, turns, lo, hi, seed=0, task=None):
+    """Per conversation: its first messages, the follow-up user messages, and max_tokens per turn. `task`:
+    (fewest, most) words of a task statement that opens each first user message (an agent's context)."""
     rng = random.Random(seed + 1)
     firsts = conversations(n, seed)
+    if task:
+        for messages in firsts:
+            messages[-1]["content"] = f"Task: {sentence(rng, *task)} {messages[-1]['content']}"
     return [{"messages": firsts[i], "followups": [sentence(rng) for _ in range(turns - 1)],
              "max_tokens": [rng.randint(lo, hi) for _ in range(turns)]} for i in range(n)]
 
@@ -153,3 +158,19 @@ async def _sequential(base_url, n):
 def sequential_latency(base_url, n):
     """n one-token completions, one at a time → median and p99 latency."""
     return asyncio.run(_sequential(base_url, n))
+
+
+PREFIX_CACHE = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")  # counters, in tokens
+
+
+def prefix_cache(urls):
+    """vLLM's prefix-cache counters summed over the servers' /metrics → (hits, queries), in prompt tokens."""
+    totals = [0.0, 0.0]
+    for url in urls:
+        text = requests.get(url + "/metrics", timeout=60)
+        text.raise_for_status()
+        for line in text.text.splitlines():
+            for i, name in enumerate(PREFIX_CACHE):
+                if line.startswith((name + "{", name + " ")):
+                    totals[i] += float(line.rsplit(" ", 1)[1])
+    return tuple(totals)

@@ -22,6 +22,12 @@ Scenarios (numbers: flags below)
   8 fleet    one VLLMClient over 2 of our servers (DP 1 each, each on its own core) vs over 1 server of DP 2:
              scenario 3's generate (tokens/s), and the time of one batched weight sync (gloo) into both vs into
              the one
+  9 router   vLLM's router (vllm-router) in front of scenario 8's 2 servers: N closed-loop conversations (each
+             first message opens with a task statement: an agent's context), each turn one VLLMClient.chat,
+             through the router with policy cache_aware vs round_robin vs the client's own spreading over the
+             two URLs: tokens/s and the servers' prefix-cache hit rate (their /metrics; caches reset before each
+             run); and the router's own cost: scenario 1's chat and scenario 4's latency on one server through a
+             router vs direct
 
 Method: per model, every engine (ours dp1, ours dp2, stock, in-process) is started at once and stays
 up for the whole phase (an idle engine takes under 1% CPU). Each scenario first warms every target, then runs
@@ -54,17 +60,21 @@ from common import RESULTS, InProcess, log, median, support  # noqa: E402
 PROFILES = {
     "full": dict(models="tiny,medium", repeats=3, chat_n=64, chat_tokens=64, streams_n=64, streams_tokens=64, turns_n=16, turns=4, turn_min=8,
                  turn_max=128, legacy_n=256, legacy_tokens=32, latency_n=50, sync_model="large", sync_repeats=2,
-                 compute_scale=0.375),
+                 compute_scale=0.375, router_n=32),
     "quick": dict(models="tiny", repeats=1, chat_n=16, chat_tokens=16, streams_n=16, streams_tokens=16, turns_n=8, turns=3, turn_min=8,
                   turn_max=32, legacy_n=64, legacy_tokens=8, latency_n=10, sync_model="tiny", sync_repeats=1,
-                  compute_scale=0.375),
+                  compute_scale=0.375, router_n=8),
 }
-SCENARIOS = ("chat", "turns", "legacy", "latency", "sync", "scaling", "streams", "fleet")
+SCENARIOS = ("chat", "turns", "legacy", "latency", "sync", "scaling", "streams", "fleet", "router")
 KV_BYTES = {"tiny": 256 << 20, "small": 256 << 20, "medium": 1 << 30, "large": 2 << 30}  # large: 32 x 512 tokens
 MAX_MODEL_LEN = 2048
 SYNC_MAX_MODEL_LEN = 512  # the stall's rollouts: a short prompt and 400 tokens
 TARGETS = {"ours": "ours dp1", "ours_dp2": "ours dp2", "stock": "stock vLLM", "inprocess": "in-process LLM",
-           "fleet_a": "ours dp1 (core 0)", "fleet_b": "ours dp1 (core 1)", "fleet": "2 x ours dp1"}
+           "fleet_a": "ours dp1 (core 0)", "fleet_b": "ours dp1 (core 1)", "fleet": "2 x ours dp1",
+           "cache_aware": "router cache_aware → 2 x ours dp1", "round_robin": "router round_robin → 2 x ours dp1",
+           "spread": "VLLMClient spreading → 2 x ours dp1", "direct": "ours dp1, direct",
+           "routed": "router → ours dp1"}
+ROUTER_TASK_WORDS = (80, 160)  # scenario 9's task statement: 2-3 of vLLM's 128-token CPU cache blocks
 
 
 def parse_args(argv=None):
@@ -91,6 +101,7 @@ def parse_args(argv=None):
     add("latency_n", int, "[4] sequential 1-token requests")
     add("sync_model", str, "[5] model whose weights are pushed")
     add("sync_repeats", int, "[5] rounds of each weight-sync path")
+    add("router_n", int, "[9] concurrent conversations (their turns: the --turn* sizes)")
     add("compute_scale", float, "[1-4,6] on models other than tiny, request counts and token lengths are "
         "multiplied by this (a 0.1B model decodes ~100 tokens/s on 2 cores)")
     args = parser.parse_args(argv)
@@ -153,7 +164,7 @@ def run_model_phase(model_name, args, results):
     path = common.model_path(model_name)
     kv, want = KV_BYTES[model_name], set(args.only)
     procs = {}
-    if want & {"chat", "turns", "legacy", "latency", "scaling", "streams"} or args.sync_model == model_name:
+    if want & {"chat", "turns", "legacy", "latency", "scaling", "streams", "router"} or args.sync_model == model_name:
         procs["ours"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"chat", "turns", "legacy", "latency", "streams"}:
         procs["stock"] = common.server("stock", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
@@ -161,7 +172,7 @@ def run_model_phase(model_name, args, results):
         procs["inprocess"] = InProcess(path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv)
     if want & {"scaling", "fleet"}:
         procs["ours_dp2"] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, dp=2)
-    if "fleet" in want:  # two servers, each on its own core as the DP-2 server puts its replicas (unpinned, both
+    if want & {"fleet", "router"}:  # two servers, each on its own core as the DP-2 server puts its replicas (unpinned, both
         # bind their OpenMP threads to every core, and the fleet ran at 0.52x of DP 2 on the medium model)
         for i, key in enumerate(("fleet_a", "fleet_b")):
             procs[key] = common.server("ours", path, max_model_len=MAX_MODEL_LEN, kv_bytes=kv, name=key.replace("_", "-"),
@@ -230,6 +241,9 @@ def run_model_phase(model_name, args, results):
             scenarios.update(run_fleet(model_name, path, {"fleet": [procs["fleet_a"].url, procs["fleet_b"].url],
                                                           "ours_dp2": [procs["ours_dp2"].url]}, args))
 
+        if "router" in want:
+            scenarios.update(run_router(model_name, path, procs, args))
+
         if "sync" in want and args.sync_model == model_name:
             results["sync"] = run_sync(procs["ours"], path, args)
     finally:
@@ -260,6 +274,72 @@ def run_fleet(model_name, path, targets, args):
                                             warmup=lambda k, t: generate(k, t, 2)), f"fleet on {model_name}"),
             "fleet_sync": guarded(lambda: rounds(f"fleet sync/{model_name}", targets, sync, args.repeats),
                                   f"fleet weight sync on {model_name}")}
+
+
+def run_router(model_name, path, procs, args):
+    """Scenario 9: vLLM's router in front of our servers. → {"router": rounds (conversations over the fleet),
+    "router_chat", "router_latency": rounds (one server, through a router vs direct)}."""
+    from transformers import AutoTokenizer
+
+    fleet = [procs["fleet_a"].url, procs["fleet_b"].url]
+    routers = {policy: support.Router(fleet, log_dir=RESULTS, policy=policy) for policy in ("cache_aware", "round_robin")}
+    routers["routed"] = support.Router([procs["ours"].url], log_dir=RESULTS, policy="round_robin")
+    try:
+        for router in routers.values():
+            router.start(common.HEALTH_TIMEOUT_S)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        plan = load.turn_plan(args.router_n, args.turns, args.turn_min, args.turn_max, seed=9, task=ROUTER_TASK_WORDS)
+        warm = load.turn_plan(args.router_n, 2, 2, 4, seed=10, task=ROUTER_TASK_WORDS)
+        targets = {"cache_aware": routers["cache_aware"].url, "round_robin": routers["round_robin"].url,
+                   "spread": fleet}
+        talk = lambda key, url, plan=plan: client_turns(url, plan, tokenizer, fleet)  # noqa: E731
+        out = {"router": guarded(lambda: rounds(f"router/{model_name}", targets, talk, args.repeats,
+                                                warmup=lambda k, url: talk(k, url, warm)), f"router on {model_name}")}
+        one = {"direct": procs["ours"].url, "routed": routers["routed"].url}
+        convs = load.conversations(args.chat_n)
+        out["router_chat"] = guarded(lambda: rounds(
+            f"router chat/{model_name}", one, lambda k, url: load.chat_burst(url, convs, args.chat_tokens),
+            args.repeats, warmup=lambda k, url: load.chat_burst(url, convs, min(4, args.chat_tokens))),
+            f"router chat on {model_name}")
+        out["router_latency"] = guarded(lambda: rounds(
+            f"router latency/{model_name}", one, lambda k, url: load.sequential_latency(url, args.latency_n),
+            args.repeats, warmup=lambda k, url: load.sequential_latency(url, 3)), f"router latency on {model_name}")
+        return out
+    finally:
+        for router in routers.values():
+            router.stop()
+
+
+def client_turns(base_url, plan, tokenizer, fleet):
+    """Scenario 2's closed-loop conversations through one VLLMClient (a thread per conversation, a `chat` call
+    per turn, its reply decoded into the next turn), so that every target of scenario 9 runs the same client
+    code. → tokens/s, wall time and the fleet's prefix-cache hit rate over the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_client import VLLMClient
+
+    with VLLMClient(base_url=base_url, max_concurrent_chats=len(plan)) as client:
+        def conversation(item):
+            messages, tokens = list(item["messages"]), 0
+            for turn, max_tokens in enumerate(item["max_tokens"]):
+                ids = client.chat([messages], max_tokens=max_tokens, temperature=1.0,
+                                  generation_kwargs={"ignore_eos": True})["completion_ids"][0]
+                tokens += len(ids)
+                messages.append({"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)})
+                if turn < len(item["followups"]):
+                    messages.append({"role": "user", "content": item["followups"][turn]})
+            return tokens
+
+        with VLLMClient(base_url=fleet) as each:
+            each.reset_prefix_cache()  # every run starts cold: each round replays the same first turns
+        before = load.prefix_cache(fleet)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(plan)) as pool:
+            tokens = sum(pool.map(conversation, plan))
+        wall = time.perf_counter() - start
+    hits, queries = (after - then for after, then in zip(load.prefix_cache(fleet), before))
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens,
+            "hit_rate": hits / queries if queries else 0.0}
 
 
 def client_generate(key, base_url, prompts, n_tokens):
@@ -385,6 +465,8 @@ def ratio_rows(results):
                 if name in ("fleet", "fleet_sync") and "error" not in v}
         med |= {name: summarize(v, ("tokens_per_s", "ttft_p50_s")) for name, v in s.items()
                 if name == "streams" and "error" not in v}
+        med |= {name: summarize(v, ("tokens_per_s", "hit_rate", "p50_s")) for name, v in s.items()
+                if name in ("router", "router_chat", "router_latency") and "error" not in v}
         get = lambda name, key, field: med.get(name, {}).get(key, {}).get(field)  # noqa: E731
         add("1 chat", model, "tokens/s ours / stock", get("chat", "ours", "tokens_per_s"),
             get("chat", "stock", "tokens_per_s"), 0.97)
@@ -416,6 +498,18 @@ def ratio_rows(results):
             get("fleet", "fleet", "tokens_per_s"), get("fleet", "ours_dp2", "tokens_per_s"))
         add("8 many servers", model, "weight sync time, 2 servers x dp1 / 1 server x dp2",
             get("fleet_sync", "fleet", "wall_s"), get("fleet_sync", "ours_dp2", "wall_s"), better="lower")
+        hit = lambda key: get("router", key, "hit_rate")  # noqa: E731
+        for num, den in (("cache_aware", "spread"), ("round_robin", "spread"), ("cache_aware", "round_robin")):
+            names = [TARGETS[key].split(" → ")[0] for key in (num, den)]
+            add("9 router", model, f"conversations tokens/s, {names[0]} / {names[1]}",
+                get("router", num, "tokens_per_s"), get("router", den, "tokens_per_s"))
+            if None not in (hit(num), hit(den)):
+                add("9 router", model, f"prefix-cache hit rate, {names[0]} / {names[1]} "
+                    f"({hit(num):.0%} / {hit(den):.0%})", hit(num), hit(den))
+        add("9 router", model, "one server, chat tokens/s: through a router / direct",
+            get("router_chat", "routed", "tokens_per_s"), get("router_chat", "direct", "tokens_per_s"))
+        add("9 router", model, "one server, latency median: through a router / direct",
+            get("router_latency", "routed", "p50_s"), get("router_latency", "direct", "p50_s"), better="lower")
     sync = results.get("sync")
     if sync and "error" not in sync:
         label = f"{sync['model']} ({sync['params'] / 1e6:.1f}M)"
@@ -474,6 +568,10 @@ def details(results):
         sizes = ", ".join(f"{k}={v}" for k, v in phase.get("sizes", {}).items())
         lines.append(f"- {model} ({phase['params'] / 1e6:.1f}M params; {sizes}): startup "
                      f"{fmt(phase.get('startup_s', {}))}; stop after SIGTERM {fmt(phase.get('stop_s', {}))}")
+        conversations = phase["scenarios"].get("router", {})
+        if conversations and "error" not in conversations:
+            lines.append("  - scenario 9, prefix-cache hit rate (median): " + ", ".join(
+                f"{TARGETS[k]} {median([m['hit_rate'] for m in ms]):.1%}" for k, ms in conversations.items()))
         left = {TARGETS[k]: n for k, n in phase.get("left_behind", {}).items() if n}
         if left:
             lines.append(f"  - processes still alive after SIGTERM + exit, killed by the benchmark: {left}")
