@@ -80,43 +80,64 @@ def start_router(tmp_path_factory):
 
 MP = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 STANDARD_FLAGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--trust-request-chat-template"]
+SHARED = {  # the servers modules share: name → start_server's arguments
+    # The standard tiny server: DP 1, hermes tool parser, auto tool choice, request chat templates allowed, and
+    # vLLM's production layout (EngineCore in its own process: the replica overlaps rounds with engine steps).
+    "server": dict(args=STANDARD_FLAGS, env=MP),
+    # Stock `vllm serve` with the standard server's flags, as TRL documents it for weight sync: dev mode, and
+    # our gloo weight-transfer engine, which vLLM's workers import through vLLM's own extension flag.
+    "stock_server": dict(
+        args=[*STANDARD_FLAGS, "--worker-extension-cls", "vllm_serve.WeightSyncWorkerExtension",
+              "--weight-transfer-config", '{"backend": "gloo"}'], kind="stock", name="stock",
+        env={**MP, "VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(support.ROOT)}),
+    # A context that fits a request of 130k tokens (support.unending), in vLLM's production layout.
+    # - A round without an output never ends by itself (an hour): new requests, aborts and pauses must reach
+    #   the busy engine through the replicas' bell, or the tests that send them hang.
+    # - A pause or a weight sync may hold requests for 10 minutes (--weight-sync-timeout) before they get a 503.
+    "long_server": dict(args=[*support.LONG_SERVER_ARGS, "--round-wait-ms", "3600000", "--weight-sync-timeout",
+                              "600"], name="long", env=MP),
+}
 
 
 @pytest.fixture(scope="session")
-def server(models, start_server):
-    """The standard tiny server: DP 1, hermes tool parser, auto tool choice, request chat templates allowed, and
-    vLLM's production layout (EngineCore in its own process: the replica overlaps rounds with engine steps).
-    Shared by every module that takes it: a test that changes its weights serves the seed-0 ones again."""
-    srv = start_server(models["seed0"], *STANDARD_FLAGS, env=MP)
+def shared(request, models, start_server):
+    """The SHARED servers that this session's tests take, launched side by side when the first is needed: a
+    start is 25-45 s here, mostly one core importing vLLM in one process after another, so two cores start
+    two in about the time of one. → {name: launched support.Server}."""
+    def takes(item, name):  # the conftest's fixture, not a module's own of the same name
+        defs = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get(name)
+        return bool(defs) and defs[-1].func.__module__ == __name__
+
+    wanted = [name for name in SHARED if any(takes(item, name) for item in request.session.items)]
+    launched = {}
+    for name in wanted:
+        spec = dict(SHARED[name])
+        launched[name] = start_server(models["seed0"], *spec.pop("args"), wait=False, **spec)
+    return launched
+
+
+def shared_server(shared, name):
+    """A SHARED server, healthy, stopped at the session's end with nothing left behind. Modules share it: a
+    test that changes its weights serves the seed-0 ones again, and every test of `long_server` leaves nothing
+    running."""
+    srv = shared[name].wait_healthy()
     yield srv
     assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
 
 
 @pytest.fixture(scope="session")
-def stock_server(models, start_server):
-    """Stock `vllm serve` with the standard server's flags, as TRL documents it for weight sync: dev mode, and
-    our gloo weight-transfer engine, which vLLM's workers import through vLLM's own extension flag. Shared
-    like `server`, on the same terms."""
-    srv = start_server(models["seed0"], *STANDARD_FLAGS, "--worker-extension-cls",
-                       "vllm_serve.WeightSyncWorkerExtension", "--weight-transfer-config", '{"backend": "gloo"}',
-                       kind="stock", name="stock",
-                       env={**MP, "VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(support.ROOT)})
-    yield srv
-    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+def server(shared):
+    yield from shared_server(shared, "server")
 
 
 @pytest.fixture(scope="session")
-def long_server(models, start_server):
-    """A server whose context fits a request of 130k tokens (support.unending), in vLLM's production layout,
-    shared by the modules that need one (a start costs 30-45 s here).
-    - A round without an output never ends by itself (an hour): new requests, aborts and pauses must reach
-      the busy engine through the replicas' bell, or the tests that send them hang.
-    - A pause or a weight sync may hold requests for 10 minutes (--weight-sync-timeout) before they get a 503.
-    Every test that takes it leaves nothing running and the seed-0 weights served."""
-    srv = start_server(models["seed0"], *support.LONG_SERVER_ARGS, "--round-wait-ms", "3600000",
-                       "--weight-sync-timeout", "600", name="long", env=MP)
-    yield srv
-    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+def stock_server(shared):
+    yield from shared_server(shared, "stock_server")
+
+
+@pytest.fixture(scope="session")
+def long_server(shared):
+    yield from shared_server(shared, "long_server")
 
 
 @pytest.fixture(scope="session")

@@ -383,12 +383,21 @@ def test_bad_requests_do_not_fail_good_ones_in_the_same_batch(server, models, re
     assert server.get("/health").status_code == 200
 
 
-@pytest.fixture(scope="module")
-def dp2(models, start_server):
-    """Data parallel 2. A 1 s gathering window puts a burst of requests in one round: 8 requests per rank, the
-    same batch on both, so replicas sharing random streams would show as repeats instead of being hidden by
+@pytest.fixture(scope="module", autouse=True)
+def launched_dp2(request, models, start_server):
+    """Data parallel 2, launched when the module starts if a test collected here takes it (its start overlaps
+    the tests before it). A 1 s gathering window puts a burst of requests in one round: 8 requests per rank,
+    the same batch on both, so replicas sharing random streams would show as repeats instead of being hidden by
     batch shapes."""
-    srv = start_server(models["seed0"], "--data_parallel_size", "2", "--batch_wait_ms", "1000", name="dp2")
+    if not any("dp2" in item.fixturenames for item in request.session.items if item.module is request.module):
+        return None
+    return start_server(models["seed0"], "--data_parallel_size", "2", "--batch_wait_ms", "1000", name="dp2",
+                        wait=False)
+
+
+@pytest.fixture(scope="module")
+def dp2(launched_dp2):
+    srv = launched_dp2.wait_healthy()
     yield srv
     assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
 

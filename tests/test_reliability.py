@@ -11,6 +11,7 @@ import ast
 import base64
 import concurrent.futures
 import contextlib
+import functools
 import json
 import pickle
 import signal
@@ -48,9 +49,25 @@ FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=
 
 
 @pytest.fixture(scope="module")
-def server(models, start_server, tmp_path_factory):
-    """The shared server; its key comes from a config file's `env:`, exported only after vllm_serve is
-    imported (the key used to be read at import time, so this server used to run with no auth)."""
+def own(models, start_server):
+    """The servers of the tests at the end that need their own (each test stops or kills its own), launched
+    with the shared one: a start is mostly one core importing vLLM, so they start while the tests before them
+    run. → {name: launched support.Server}."""
+    launch = functools.partial(start_server, models["seed0"], wait=False)
+    fault = ("--api-key", API_KEY, "--logits-processors", "faults:FailingLogitsProcessor")
+    return {**{name: launch(env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_API_KEY": API_KEY}, name=name)
+               for name in ("kill-replica", "kill-vllm-worker")},
+            "sigterm": launch("--api-key", API_KEY, "--shutdown_timeout", str(HANG_S), name="sigterm"),
+            # the cut comes 15 s after SIGTERM: the refusals, checked before it, take milliseconds
+            "sigterm-cut": launch("--api-key", API_KEY, "--shutdown_timeout", "15", name="sigterm-cut"),
+            "step-fault": launch(*fault, env={"PYTHONPATH": str(ROOT / "tests")}, name="step-fault")}
+
+
+@pytest.fixture(scope="module")
+def server(models, start_server, tmp_path_factory, own):
+    """The shared server (`own`: launched first, beside it); its key comes from a config file's `env:`,
+    exported only after vllm_serve is imported (the key used to be read at import time, so this server used to
+    run with no auth)."""
     config = tmp_path_factory.mktemp("config") / "serve.yaml"
     config.write_text(json.dumps({"env": {"VLLM_API_KEY": API_KEY}}))  # JSON is YAML
     srv = start_server(models["seed0"], "--config", str(config), "--enable_auto_tool_choice", "--tool_call_parser",
@@ -686,14 +703,13 @@ def model_worker_process(server):
 
 
 @pytest.mark.parametrize("victim", [replica_process, model_worker_process], ids=["replica", "vllm-worker"])
-def test_worker_killed_mid_batch_fails_fast_and_exits_nonzero(models, start_server, victim):
+def test_worker_killed_mid_batch_fails_fast_and_exits_nonzero(own, victim, request):
     """vLLM's multiprocess layout (engine core and model worker in their own processes), as in production:
     a killed replica must not leave them behind, and a killed model worker (a CUDA crash, an OOM kill, a
     worker that exits on a blocked stream) takes the server down too instead of leaving a dead engine behind
     a 200 /health. The requests in flight are endless, so only the kill can end them: each must get a 503
     (a server that missed the death would keep them until the hang guard)."""
-    server = start_server(models["seed0"], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_API_KEY": API_KEY},
-                          name=f"kill-{victim.__name__}")
+    server = own[f"kill-{request.node.callspec.id}"].wait_healthy()
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     assert len(tree) >= 3, tree  # resource tracker, worker, engine core (+ its model worker)
     try:
@@ -720,11 +736,11 @@ def test_worker_killed_mid_batch_fails_fast_and_exits_nonzero(models, start_serv
                 process.kill()
 
 
-def test_sigterm_lets_a_running_request_finish_then_exits_cleanly(models, start_server, reference_llm):
+def test_sigterm_lets_a_running_request_finish_then_exits_cleanly(models, own, reference_llm):
     """SIGTERM with a request generating: it completes with exact tokens (--shutdown_timeout is minutes, far
     beyond its need), the server exits 0 once it is answered, and no process is left behind. The request is
     in the engine when the signal is sent (its first chunk came), and 499 decode steps are still ahead."""
-    server = start_server(models["seed0"], "--api-key", API_KEY, "--shutdown_timeout", str(HANG_S), name="sigterm")
+    server = own["sigterm"].wait_healthy()
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     running = {"prompt": PROMPTS * 8, "max_tokens": 500, "temperature": 0, "ignore_eos": True,
                "return_token_ids": True, "stream": True}
@@ -747,12 +763,11 @@ def test_sigterm_lets_a_running_request_finish_then_exits_cleanly(models, start_
     assert not alive, [(p.pid, p.name()) for p in alive]
 
 
-def test_sigterm_cuts_an_endless_request_with_a_503_then_exits_cleanly(models, start_server):
+def test_sigterm_cuts_an_endless_request_with_a_503_then_exits_cleanly(own):
     """SIGTERM with an endless request: new requests get a 503 while it still runs, it is cut at
     --shutdown_timeout with a 503 in OpenAI's shape (not a dropped connection), the workers stop (one busy
     generating for nobody included), the exit status is 0, no traceback is logged, and no process is left."""
-    # the cut comes 15 s after SIGTERM: the refusals, checked before it, take milliseconds
-    server = start_server(models["seed0"], "--api-key", API_KEY, "--shutdown_timeout", "15", name="sigterm-cut")
+    server = own["sigterm-cut"].wait_healthy()
     tree = psutil.Process(server.proc.pid).children(recursive=True)
     answers = {}
     thread = in_flight(server, endless(), answers, "endless")
@@ -770,14 +785,12 @@ def test_sigterm_cuts_an_endless_request_with_a_503_then_exits_cleanly(models, s
     assert not alive, [(p.pid, p.name()) for p in alive]
 
 
-def test_a_failed_engine_step_answers_500_for_its_requests_and_the_replica_serves_on(models, start_server,
-                                                                                   reference_llm):
+def test_a_failed_engine_step_answers_500_for_its_requests_and_the_replica_serves_on(models, own, reference_llm):
     """An engine step that raises (here a logits processor, loaded with vLLM's own --logits-processors, that
     fails while a request asking for it is in the batch) is the server's fault: each request in that step
     gets a 500 in OpenAI's shape (a stream ends with an error event), on /v1 and on the legacy route alike,
     and the next request to the same replica completes with the reference's exact tokens."""
-    server = start_server(models["seed0"], "--api-key", API_KEY, "--logits-processors",
-                          "faults:FailingLogitsProcessor", env={"PYTHONPATH": str(ROOT / "tests")}, name="step-fault")
+    server = own["step-fault"].wait_healthy()
     try:
         reference = greedy_ids(reference_llm(models["seed0"]), PROMPTS, MAX_TOKENS)
         greedy = {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True}

@@ -39,16 +39,23 @@ def stock_client(server, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def shared(models, start_server):
-    """One server for the tests below that take `server` (a start costs more than either)."""
-    srv = start_server(models["seed0"], name="rl-sync", env=MP)
-    yield srv
-    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+def launched(models, start_server):
+    """This module's two servers, launched side by side (a start is mostly one core importing vLLM: two cores
+    start two in about the time of one). "sync", for the tests below that take `server` (a start costs more
+    than either); "short": a short --weight-sync-timeout (5 s), and TRL's documented transfer backend, NCCL, on
+    a CPU server: the tests that take it use no weight transfer."""
+    servers = {"sync": start_server(models["seed0"], name="rl-sync", env=MP, wait=False),
+               "short": start_server(models["seed0"], "--weight-sync-timeout", "5", "--weight-transfer-config",
+                                     '{"backend": "nccl"}', name="rl-short", env=MP, wait=False)}
+    yield servers
+    for srv in servers.values():
+        assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
 
 
 @pytest.fixture
-def server(shared, models, expected):
+def server(launched, models, expected):
     """The shared server serving the seed-0 weights again, whatever the test before it left."""
+    shared = launched["sync"].wait_healthy()
     if greedy(shared) != expected["seed0"]:
         client = stock_client(shared)
         client.update_named_params(checkpoint(models["seed0"]))
@@ -186,14 +193,9 @@ def test_keep_during_a_sync_loses_no_stream(models, long_server, expected, refer
     assert [c["token_ids"] for c in body["choices"]] == expected["seed0"]
 
 
-@pytest.fixture(scope="module")
-def short_server(models, start_server):
-    """A short --weight-sync-timeout (5 s), and TRL's documented transfer backend, NCCL, on a CPU server: the
-    tests that take it use no weight transfer."""
-    srv = start_server(models["seed0"], "--weight-sync-timeout", "5", "--weight-transfer-config",
-                       '{"backend": "nccl"}', name="rl-short", env=MP)
-    yield srv
-    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+@pytest.fixture
+def short_server(launched):
+    return launched["short"].wait_healthy()
 
 
 def test_paused_requests_get_503_after_the_timeout_and_the_server_resumes_itself(short_server):

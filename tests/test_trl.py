@@ -86,9 +86,9 @@ def outcome(call, client, grpo):
 @pytest.fixture(scope="module")
 def servers(models, start_server):
     env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    ours = start_server(models["seed0"], *TRL_COMMAND_LINE, name="trl-ours", env=env)
-    stock = start_server(models["seed0"], *TRL_COMMAND_LINE, name="trl-stock", kind="stock", env=env)
-    yield stock, ours
+    ours = start_server(models["seed0"], *TRL_COMMAND_LINE, name="trl-ours", env=env, wait=False)
+    stock = start_server(models["seed0"], *TRL_COMMAND_LINE, name="trl-stock", kind="stock", env=env, wait=False)
+    yield stock.wait_healthy(), ours.wait_healthy()  # started side by side: half the wait
     for server in (stock, ours):
         server.stop()
 

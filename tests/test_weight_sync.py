@@ -2,6 +2,7 @@
 outputs equal those of a fresh in-process vLLM engine loaded from seed-1."""
 
 import concurrent.futures
+import functools
 import os
 import pathlib
 import signal
@@ -42,18 +43,30 @@ def connect(server, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def shared(models, start_server):
-    """One server for the tests below that take `server`: a start costs more than most of them. Its deadline
-    is short: a trainer that announces a group and never joins it is given up after 8 s."""
-    srv = start_server(models["seed0"], "--weight_sync_timeout", "8", name="sync")
-    yield srv
-    assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
+def launched(models, start_server, tmp_path_factory):
+    """This module's servers, launched at once (a start is mostly one core importing vLLM: two cores start two
+    in about the time of one). "sync" is shared by the tests that take `server`: a start costs more than most
+    of them; its deadline is short: a trainer that announces a group and never joins it is given up after 8 s.
+    "tied", "int8" and "odd" (the first of `odd_models`) are a test's own: it waits for it and stops it."""
+    root = tmp_path_factory.mktemp("own")
+    int8 = int8_checkpoint(pathlib.Path(models["seed0"]), root / "int8")
+    servers = {
+        "sync": start_server(models["seed0"], "--weight_sync_timeout", "8", name="sync", wait=False),
+        "tied": start_server(models["tied0"], name="sync-tied", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+                             wait=False),
+        "int8": start_server(str(int8), *INT8_DTYPE_ARGS, "--weight_sync_timeout", "30", name="sync-int8",
+                             wait=False),
+        "odd": start_server(odd_models(root)[0], "--weight_sync_timeout", "60", name="sync-odd", wait=False)}
+    yield servers
+    shared = servers["sync"]
+    assert shared.stop() == 0 and not shared.left_behind, shared.left_behind
 
 
 @pytest.fixture
-def server(shared, models, expected):
+def server(launched, models, expected):
     """The shared server serving the seed-0 weights again, whatever the test before it left (a sync of them
     when it left others), with no weight-sync group open."""
+    shared = launched["sync"].wait_healthy()
     if greedy(shared) != expected["seed0"]:
         client = connect(shared)
         client.update_named_params(checkpoint(models["seed0"]))
@@ -121,11 +134,11 @@ def test_per_parameter_then_batched_sync_are_exact(models, server, expected, ref
     assert response.status_code == 409 and "init_communicator" in response.json()["error"]["message"]
 
 
-def test_tied_embeddings_follow_in_both_dialects(models, start_server, expected):
+def test_tied_embeddings_follow_in_both_dialects(models, launched, expected):
     """A tied lm_head follows the new embedding, the only one of the two a trainer sends: TRL's legacy
     dialect, then stock's (a trainer of TRL 1.16 that pauses, starts, updates and finishes). In vLLM's
     multiprocess layout. (Data parallel 2 in both dialects, every replica exact: test_weight_faults.py.)"""
-    server = start_server(models["tied0"], name="sync-tied", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    server = launched["tied"].wait_healthy()
     try:
         assert greedy(server) == expected["tied0"]
         client = connect(server)
@@ -277,11 +290,10 @@ def int8_checkpoint(model_dir, out_dir):
     return out_dir
 
 
-def test_weight_sync_into_a_quantized_model_is_refused(models, start_server, tmp_path):
+def test_weight_sync_into_a_quantized_model_is_refused(launched):
     """Until scales are synced too, every weight-sync call into a quantized model gets a 409 saying why,
     before anything reaches the workers: generation goes on with the served weights."""
-    model = int8_checkpoint(pathlib.Path(models["seed0"]), tmp_path / "int8")
-    server = start_server(str(model), *INT8_DTYPE_ARGS, "--weight_sync_timeout", "30", name="sync-int8")
+    server = launched["int8"].wait_healthy()
     try:
         served = greedy(server)
         meta = {"name": "model.norm.weight", "dtype": "torch.float32", "shape": [128]}
@@ -321,7 +333,8 @@ def test_the_warm_up_refusal_names_the_dtype_to_serve_in():
     assert "try another --dtype" in vllm_serve.warm_up_refusal("float32", other)
 
 
-def odd_width_models(root):
+@functools.cache
+def odd_models(root):
     """Two tiny models of hidden size 97 (3 heads of 32; vLLM's Qwen2 takes head_dim = hidden // heads),
     whose norm weights hold 97 elements: sent as bf16 one takes 194 bytes, which leaves the fp32 tensor
     after it 2 bytes off a 4-byte boundary unless the bucket pads. Every weight of the second model is
@@ -338,17 +351,18 @@ def odd_width_models(root):
     return str(first), str(second)
 
 
-def test_mixed_dtype_buckets_sync_exactly_and_another_layout_is_refused(start_server, reference_llm, tmp_path):
+def test_mixed_dtype_buckets_sync_exactly_and_another_layout_is_refused(launched, reference_llm):
     """A bucket holding odd-length bf16 tensors between fp32 ones loads exactly (greedy ids equal a fresh
     engine's). A body without `layout: 2` (an old client, whose buckets are unpadded) or with another
     value gets a 400 before any broadcast; the server stays healthy and the next correct sync works.
     One server for both: a start costs more than either check."""
     import torch
 
-    first, second = odd_width_models(tmp_path)
+    server = launched["odd"]
+    first, second = server.model, odd_models(pathlib.Path(server.model).parent)[1]
     refs = {path: greedy_ids(reference_llm(path), PROMPTS, MAX_TOKENS) for path in (first, second)}
     assert refs[first] != refs[second]
-    server = start_server(first, "--weight_sync_timeout", "60", name="sync-odd")
+    server.wait_healthy()
     try:
         assert greedy(server) == refs[first]
         client = connect(server)
