@@ -103,24 +103,27 @@ SHARED = {  # the servers modules share: name → start_server's arguments
 def shared(request, models, start_server):
     """The SHARED servers that this session's tests take, launched side by side when the first is needed: a
     start is 25-45 s here, mostly one core importing vLLM in one process after another, so two cores start
-    two in about the time of one. → {name: launched support.Server}."""
-    def takes(item, name):  # the conftest's fixture, not a module's own of the same name
-        defs = getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.get(name)
-        return bool(defs) and defs[-1].func.__module__ == __name__
+    two in about the time of one. → ({name: launched support.Server}, launch(name) for any other)."""
+    def takes(item, name):
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:  # pytest's own field gone: by name (a module's fixture of that name counts too)
+            return name in getattr(item, "fixturenames", ())
+        defs = info.name2fixturedefs.get(name)
+        return bool(defs) and defs[-1].func.__module__ == __name__  # the conftest's, not a module's own
 
-    wanted = [name for name in SHARED if any(takes(item, name) for item in request.session.items)]
-    launched = {}
-    for name in wanted:
+    def launch(name):
         spec = dict(SHARED[name])
-        launched[name] = start_server(models["seed0"], *spec.pop("args"), wait=False, **spec)
-    return launched
+        return start_server(models["seed0"], *spec.pop("args"), wait=False, **spec)
+
+    return {name: launch(name) for name in SHARED if any(takes(item, name) for item in request.session.items)}, launch
 
 
 def shared_server(shared, name):
     """A SHARED server, healthy, stopped at the session's end with nothing left behind. Modules share it: a
     test that changes its weights serves the seed-0 ones again, and every test of `long_server` leaves nothing
     running."""
-    srv = shared[name].wait_healthy()
+    launched, launch = shared
+    srv = (launched.get(name) or launch(name)).wait_healthy()
     yield srv
     assert srv.stop() == 0 and not srv.left_behind, srv.left_behind
 
