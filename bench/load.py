@@ -167,9 +167,9 @@ def prefix_cache(urls):
     """vLLM's prefix-cache counters summed over the servers' /metrics → (hits, queries), in prompt tokens."""
     totals = [0.0, 0.0]
     for url in urls:
-        text = requests.get(url + "/metrics", timeout=60)
-        text.raise_for_status()
-        for line in text.text.splitlines():
+        response = requests.get(url + "/metrics", timeout=60)
+        response.raise_for_status()
+        for line in response.text.splitlines():
             for i, name in enumerate(PREFIX_CACHE):
                 if line.startswith((name + "{", name + " ")):
                     totals[i] += float(line.rsplit(" ", 1)[1])

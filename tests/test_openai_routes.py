@@ -14,6 +14,8 @@ from support import (GREEDY, HANG_S, PROMPTS, WEATHER_TOOL, chat_prompt_ids, dum
                      greedy_ids, reference, unending)
 
 PROMPTS = PROMPTS[:4]
+
+
 def sdk(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
 
