@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -552,8 +553,9 @@ class VLLMClient:
         pool.shutdown(wait=False)
         with self._sending():
             yield announced
-        for future in announced:
-            future.result()
+        wait_all(announced)
+        if failed := _failure(announced):
+            raise failed
 
     def _broadcast(self, tensor):
         self.broadcasts += 1
@@ -566,17 +568,24 @@ class VLLMClient:
 
     def _await(self, work, announced=()):
         """A gloo broadcast's completion, within `timeout`; an announce that failed meanwhile is raised (its
-        server would never receive)."""
-        deadline, pause = time.monotonic() + (self.timeout or DEFAULT_TIMEOUT_S), 0.0001
+        server would never receive). A broadcast that failed (a member left: gloo saw the reset first) is
+        raised as the announces' failure once they ended, which names the server that went away."""
+        timeout = self.timeout or DEFAULT_TIMEOUT_S
+        deadline, pause = time.monotonic() + timeout, 0.0001
         while not work.is_completed():
-            for future in announced:
-                if future.done() and future.exception() is not None:
-                    raise future.exception()
+            if failed := _failure(announced):
+                raise failed
             if time.monotonic() > deadline:
                 raise VLLMClientError(f"A weight broadcast did not complete within {self.timeout} s.")
             time.sleep(pause)
             pause = min(pause * 2, 0.005)
-        work.wait()
+        try:
+            work.wait()
+        except RuntimeError as exc:
+            wait_all(announced, timeout)
+            if failed := _failure(announced):
+                raise failed  # its own cause kept: whether its server is gone
+            raise VLLMClientError(f"A weight broadcast failed: {exc}") from exc
 
     @contextlib.contextmanager
     def _sending(self):
@@ -745,6 +754,13 @@ def _gone(exc):
     may only be slow) or a 503 (shutting down, a dead replica, paused past its timeout)."""
     cause = exc.__cause__
     return exc.status_code == 503 or (exc.status_code is None and isinstance(cause, requests.ConnectionError))
+
+
+def _failure(announced):
+    """The error of the announces that failed so far (those done), one whose server is gone first: it names
+    the cause the others only follow (a survivor answers that it rolled back). → None if none failed."""
+    errors = [f.exception() for f in announced if f.done() and f.exception() is not None]
+    return next((e for e in errors if _gone(e)), errors[0] if errors else None)
 
 
 def _error_message(response):

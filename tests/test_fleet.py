@@ -297,3 +297,34 @@ def test_spread_sends_a_dead_servers_items_once_to_the_others():
     with pytest.raises(VLLMClientError, match="No server left for 1 of 1"):
         client._spread(1, lambda server, part, done: (_ for _ in ()).throw(gone(server.url)))
     assert client._spread(0, run) == []
+
+
+def test_a_broadcast_that_fails_before_its_announce_names_the_server_that_went_away():
+    """gloo may see a killed member's reset before the announce to it fails (a race the router test lost once:
+    the RuntimeError of gloo reached the trainer). The error raised is the announce's of the server that went
+    away, not gloo's, nor a survivor's answer that it rolled back; with no failed announce, one
+    VLLMClientError carrying gloo's message."""
+    from concurrent.futures import Future
+
+    class Reset:  # gloo's Work for a broadcast whose peer reset the connection
+        def is_completed(self):
+            return True
+
+        def wait(self):
+            raise RuntimeError("Read error: Connection reset by peer")
+
+    def answered(error):
+        future = Future()
+        future.set_exception(error)
+        return future
+
+    client = VLLMClient.__new__(VLLMClient)  # no server: the client's error path alone
+    client.timeout = HANG_S
+    survivor = answered(VLLMClientError("the update rolled back", 409))
+    with pytest.raises(VLLMClientError) as info:
+        client._await(Reset(), [survivor, answered(gone("http://b"))])
+    assert info.value.message == "POST http://b: refused"
+    with pytest.raises(VLLMClientError, match="rolled back"):
+        client._await(Reset(), [survivor])
+    with pytest.raises(VLLMClientError, match="A weight broadcast failed: Read error"):
+        client._await(Reset(), [])
